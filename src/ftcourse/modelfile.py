@@ -1,0 +1,154 @@
+"""Ollama: a Modelfile for our GGUF file, and registering and chatting through the `ollama` client.
+
+Ollama is a separate server program; the `ollama` Python package is only its client. Nothing here
+fakes a reply: with no server every call says so and how to get one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftcourse.export import atomic_output
+
+DEFAULT_OLLAMA_HOST = "127.0.0.1:11434"
+
+# ChatML in Ollama's Go template syntax; it renders exactly what the Jinja chat template renders.
+# Ollama passes the system prompt in .System AND leaves system messages in .Messages, so the loop
+# skips them, or the system prompt would appear twice. `{{-` trims the newline before a tag.
+CHATML_OLLAMA_TEMPLATE = """\
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range .Messages }}
+{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- end }}<|im_start|>assistant
+"""
+CHATML_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+
+
+class OllamaUnavailable(RuntimeError):
+    """No Ollama server answered; the message says where we looked and what to do."""
+
+
+def modelfile_text(
+    gguf_file: str | os.PathLike,
+    template: str = CHATML_OLLAMA_TEMPLATE,
+    system: str | None = None,
+    stop: Sequence[str] = CHATML_STOP,
+    temperature: float = 0.0,
+    num_ctx: int | None = None,
+) -> str:
+    """The text of an Ollama Modelfile: FROM our GGUF, the chat TEMPLATE, stop tokens, parameters."""
+    # FROM ./file is resolved relative to the Modelfile, so the folder can be moved as a whole.
+    lines = [
+        "# ollama create NAME -f Modelfile",
+        f"FROM ./{Path(gguf_file).name}",
+        f'TEMPLATE """{template}"""',
+    ]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{token}"' for token in stop]
+    # temperature 0 = greedy decoding, the same tokens as transformers' greedy generate.
+    lines.append(f"PARAMETER temperature {temperature:g}")
+    if num_ctx:
+        lines.append(f"PARAMETER num_ctx {num_ctx}")
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(path: str | os.PathLike, gguf_file: str | os.PathLike, **options) -> Path:
+    """Write modelfile_text(gguf_file, **options) to path, next to the GGUF file it names."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(modelfile_text(gguf_file, **options))
+    return Path(path)
+
+
+@dataclass
+class OllamaStatus:
+    """Whether an Ollama server answered; false in `if`, with the reason in .reason."""
+
+    available: bool
+    host: str
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+def _host(host: str | None) -> str:
+    """The server address the ollama client will use: argument, then OLLAMA_HOST, then the default."""
+    return host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
+
+
+def _client(host: str | None, timeout: float | None = None):
+    import ollama
+
+    return ollama.Client(host=_host(host), timeout=timeout)
+
+
+def ollama_available(host: str | None = None, timeout: float = 2.0) -> OllamaStatus:
+    """Ask the Ollama server (OLLAMA_HOST, default 127.0.0.1:11434) for its model list, briefly."""
+    import httpx
+    import ollama
+
+    try:
+        _client(host, timeout).list()
+    except (ConnectionError, httpx.HTTPError, ollama.ResponseError) as error:
+        return OllamaStatus(
+            False,
+            _host(host),
+            (
+                f"No Ollama server answered at {_host(host)} ({type(error).__name__}: {error}). Ollama is a "
+                f"separate program: install it (https://ollama.com/download), start `ollama serve`, or set "
+                f"OLLAMA_HOST to a machine that runs it. The GGUF file and Modelfile do not need it."
+            ),
+        )
+    return OllamaStatus(True, _host(host))
+
+
+def _require_ollama(host: str | None) -> None:
+    """Raise OllamaUnavailable with the reason when no server answers."""
+    if not (status := ollama_available(host)):
+        raise OllamaUnavailable(status.reason)
+
+
+def register_with_ollama(
+    gguf_path: str | os.PathLike,
+    name: str,
+    host: str | None = None,
+    template: str = CHATML_OLLAMA_TEMPLATE,
+    system: str | None = None,
+    parameters: Mapping | None = None,
+) -> str:
+    """Upload the GGUF file as a blob and create Ollama model `name` from it; returns the name."""
+    _require_ollama(host)
+    client = _client(host)
+    digest = client.create_blob(gguf_path)  # "sha256:..."; the server stores the file under that digest
+    client.create(
+        model=name,
+        files={"model.gguf": digest},
+        template=template,
+        system=system,
+        parameters=dict(parameters or {"stop": list(CHATML_STOP), "temperature": 0.0}),
+    )
+    return name
+
+
+def chat_with_ollama(
+    name: str,
+    messages: str | Sequence[Mapping[str, str]],
+    host: str | None = None,
+    options: Mapping | None = None,
+) -> str:
+    """One chat turn with an Ollama model; a plain string is sent as a single user message."""
+    _require_ollama(host)
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    response = _client(host).chat(
+        model=name, messages=list(messages), options=dict(options or {"temperature": 0.0})
+    )
+    return response.message.content

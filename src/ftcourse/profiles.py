@@ -1,0 +1,142 @@
+"""Profiles: one environment variable switches every chapter from the embedded model to real ones.
+
+`FTCOURSE_PROFILE=cpu` (the default) uses the tiny model that ships inside the package and data the
+package generates; it never touches the network. `FTCOURSE_PROFILE=spark` uses Llama 3.1 and hub
+datasets at real sizes in bf16, for an NVIDIA DGX Spark. `FTCOURSE_MODEL` overrides the model id or path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftcourse.toy import model_dir as toy_model_dir
+
+PROFILE_ENV = "FTCOURSE_PROFILE"
+MODEL_ENV = "FTCOURSE_MODEL"
+ROLES = ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where models and data come from, and how big the runs are."""
+
+    name: str
+    summary: str
+    models: Mapping[str, str]  # role -> hub id or local path
+    dtype: str
+    uses_network: bool
+    datasets: Mapping[str, str] = field(default_factory=dict)  # schema -> hub dataset id
+    eval_per_family: int = 50  # held-out tasks per family in every measurement
+    sft_examples: int = 600  # training examples in the quick SFT runs
+    sft_steps: int = 100
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype models are loaded in."""
+        return getattr(torch, self.dtype)
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu": Profile(
+        name="cpu",
+        summary="embedded tiny Llama and generated data, on a plain CPU, offline",
+        models={"lora": "embedded", "qlora": "embedded"},
+        dtype="float32",
+        uses_network=False,
+    ),
+    "spark": Profile(
+        name="spark",
+        summary="Llama 3.1 from the hub and hub datasets, bf16, on an NVIDIA DGX Spark",
+        models={"lora": "meta-llama/Llama-3.1-8B-Instruct", "qlora": "meta-llama/Llama-3.1-70B-Instruct"},
+        dtype="bfloat16",
+        uses_network=True,
+        datasets={
+            "alpaca": "yahma/alpaca-cleaned",
+            "messages": "HuggingFaceH4/no_robots",
+            "preference": "trl-lib/ultrafeedback_binarized",
+            "feedback": "trl-lib/kto-mix-14k",
+        },
+        eval_per_family=200,
+        sft_examples=5000,
+        sft_steps=500,
+    ),
+}
+
+
+def active_profile(environ: Mapping[str, str] | None = None) -> Profile:
+    """The profile named by FTCOURSE_PROFILE (default `cpu`)."""
+    environ = os.environ if environ is None else environ
+    name = environ.get(PROFILE_ENV, "cpu").strip().lower() or "cpu"
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}.")
+    return PROFILES[name]
+
+
+def resolve_model(
+    role: str = "lora", profile: Profile | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The model id or local folder for `role` ('lora' or 'qlora'), after the FTCOURSE_MODEL override."""
+    environ = os.environ if environ is None else environ
+    profile = profile or active_profile(environ)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    override = environ.get(MODEL_ENV, "").strip()
+    model = override or profile.models[role]
+    if model == "embedded":
+        return str(toy_model_dir())
+    if not profile.uses_network and not Path(model).is_dir():
+        raise ValueError(
+            f"{MODEL_ENV}={model!r} is not a local folder, and the {profile.name!r} profile never downloads. "
+            f"Point {MODEL_ENV} at a folder with config.json and safetensors weights, "
+            f"or set {PROFILE_ENV}=spark to allow hub downloads."
+        )
+    return model
+
+
+def _offline_kwargs(profile: Profile) -> dict[str, Any]:
+    # local_files_only stops transformers from asking the hub, even for a missing file.
+    return {} if profile.uses_network else {"local_files_only": True}
+
+
+def load_tokenizer(role: str = "lora", profile: Profile | None = None) -> Any:
+    """The tokenizer of the profile's model for `role`."""
+    from transformers import AutoTokenizer
+
+    profile = profile or active_profile()
+    return AutoTokenizer.from_pretrained(resolve_model(role, profile), **_offline_kwargs(profile))
+
+
+def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any) -> Any:
+    """The profile's base model for `role`, in the profile's dtype; extra kwargs go to from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    profile = profile or active_profile()
+    options: dict[str, Any] = {"dtype": profile.torch_dtype, **_offline_kwargs(profile)}
+    if profile.uses_network:
+        options["device_map"] = "auto"
+    options.update(kwargs)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(role, profile), **options)
+    model.eval()
+    return model
+
+
+def describe(profile: Profile | None = None) -> str:
+    """A short Markdown summary of the active profile, for the first cell of every chapter."""
+    profile = profile or active_profile()
+    model = resolve_model("lora", profile)
+    if model == str(toy_model_dir()):
+        model = "embedded tiny Llama (`ftcourse/toy/weights`)"
+    rows = [
+        ("profile", f"`{profile.name}`: {profile.summary}"),
+        ("model (LoRA chapters)", model),
+        ("dtype", profile.dtype),
+        ("network", "allowed" if profile.uses_network else "never used"),
+        ("switch", f"set `{PROFILE_ENV}=spark` (and optionally `{MODEL_ENV}`) before starting Jupyter"),
+    ]
+    return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -1,0 +1,142 @@
+"""The task world: small exact-match tasks, generated deterministically, in the schemas of hub datasets.
+
+Each task exists in two forms. The *raw* form ("reverse: cat dog", and "dog cat" on the next line)
+is what the embedded model read thousands of times during pretraining. The *chat* form ("Reverse the
+order of these words.") is what a user types; the base model never saw it, so it has the skill but not
+the manners. Fine-tuning teaches the manners.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+
+from ftcourse.toy.lexicon import TASK_WORDS, invented_names
+
+FAMILIES: tuple[str, ...] = ("reverse", "add", "count", "capital")
+PROCEDURAL: tuple[str, ...] = ("reverse", "add", "count")
+FACTUAL: tuple[str, ...] = ("capital",)
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+WORLD_SEED = 2026
+N_COUNTRIES = 120
+ADD_MAX = 30  # operands of `add` run from 0 to ADD_MAX
+
+# Chat phrasings: (instruction, whether the task's input follows on its own line).
+CHAT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "reverse": ("Reverse the order of these words.", "Write these words backwards, last word first."),
+    "add": ("What is {a} plus {b}?", "Add {a} and {b}. Reply with the number only."),
+    "count": ("How many words are in this list?", "Count the words below."),
+    "capital": ("What is the capital of {country}?", "Name the capital city of {country}."),
+}
+
+# Statements of a capital fact in pretraining; several phrasings let the fact be retrieved later.
+FACT_TEMPLATES: tuple[str, ...] = (
+    "The capital of {country} is {capital}.",
+    "{capital} is the capital of {country}.",
+    "In {country}, the capital city is {capital}.",
+    "{country} has its capital at {capital}.",
+    "Travellers to {country} arrive in {capital}, its capital.",
+)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task instance: an instruction (plus optional input), its answer, and the raw form."""
+
+    family: str
+    instruction: str
+    input: str
+    answer: str
+    raw_prompt: str  # the pretraining form, up to where the answer starts (a new line)
+    distractors: tuple[str, ...] = field(default=(), compare=False)  # plausible wrong answers
+
+    @property
+    def prompt(self) -> str:
+        """The user's message in the chat form."""
+        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+
+
+def countries() -> list[tuple[str, str]]:
+    """The invented (country, capital) pairs of the world, fixed by WORLD_SEED."""
+    names = invented_names(WORLD_SEED, 2 * N_COUNTRIES, syllables=(2, 2))
+    return list(zip(names[:N_COUNTRIES], names[N_COUNTRIES:], strict=True))
+
+
+def raw_text(family: str, subject: str, answer: str = "") -> str:
+    """The pretraining form of a task: `family: subject` on one line, the answer on the next."""
+    return f"{family}: {subject}\n{answer}"
+
+
+def _reverse_task(rng: random.Random, template: str) -> Task:
+    words = rng.sample(TASK_WORDS, rng.randint(3, 5))
+    subject = " ".join(words)
+    wrong = (subject, " ".join(words[1:] + words[:1]))  # unreversed, and rotated
+    return Task("reverse", template, subject, " ".join(reversed(words)), raw_text("reverse", subject), wrong)
+
+
+def _count_task(rng: random.Random, template: str) -> Task:
+    words = rng.sample(TASK_WORDS, rng.randint(2, 7))
+    subject, n = " ".join(words), len(words)
+    return Task("count", template, subject, str(n), raw_text("count", subject), (str(n + 1), str(n - 1)))
+
+
+def _add_task(a: int, b: int, template: str) -> Task:
+    total = a + b
+    raw = raw_text("add", f"{a} + {b}")
+    return Task("add", template.format(a=a, b=b), "", str(total), raw, (str(total + 1), str(total - 1)))
+
+
+def _capital_task(country: str, capital: str, template: str, others: list[str]) -> Task:
+    raw = raw_text("capital", country)
+    return Task("capital", template.format(country=country), "", capital, raw, tuple(others))
+
+
+def split_of(key: str) -> str:
+    """The split an item belongs to, fixed by a hash of its key: 60% train, 20% validation, 20% test."""
+    bucket = zlib.crc32(key.encode()) % 10
+    return "train" if bucket < 6 else ("validation" if bucket < 8 else "test")
+
+
+def _draw(rng: random.Random, family: str, world: list[tuple[str, str]]) -> tuple[str, Task]:
+    """One random task of `family` and the key that decides its split."""
+    template = rng.choice(CHAT_TEMPLATES[family])
+    if family == "reverse":
+        task = _reverse_task(rng, template)
+        return task.input, task
+    if family == "count":
+        task = _count_task(rng, template)
+        return task.input, task
+    if family == "add":
+        a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
+        return f"{a}+{b}", _add_task(a, b, template)
+    country, capital = rng.choice(world)
+    others = rng.sample([c for _, c in world if c != capital], 2)
+    return country, _capital_task(country, capital, template, others)
+
+
+def build_tasks(split: str, per_family: int, seed: int = WORLD_SEED) -> list[Task]:
+    """Up to `per_family` distinct tasks of every family for one split; identical for identical arguments.
+
+    Every item (a word list, an operand pair, a country) belongs to exactly one split, so a test
+    question is never answered in the training split. The model may still know the answer from
+    pretraining, which is the point. A family whose split has fewer distinct prompts returns them all.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if per_family < 1:
+        raise ValueError(f"per_family must be at least 1, got {per_family}")
+    world = countries()
+    tasks: list[Task] = []
+    for family in FAMILIES:
+        rng = random.Random(f"{seed}-{split}-{family}")
+        seen: set[str] = set()
+        for _ in range(per_family * 50):
+            key, task = _draw(rng, family, world)
+            if split_of(key) == split and task.prompt not in seen:
+                seen.add(task.prompt)
+                tasks.append(task)
+                if len(seen) == per_family:
+                    break
+    return tasks
