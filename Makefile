@@ -30,7 +30,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet --progress-bar off "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet --progress-bar off -e ".[book,test]" -c $(CONSTRAINTS)
+	@# llama-cpp-python has no wheel for this machine: pip builds it (4-10 min once, then its wheel cache).
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" \
+	  $(BIN)/python -m pip install --quiet --progress-bar off -e ".[book,test,deploy]" -c $(CONSTRAINTS)
 	@touch $@
 
 book: env

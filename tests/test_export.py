@@ -236,6 +236,59 @@ def test_q4_k_m_uses_k_quants_and_stays_close(export_hf, export_prompts, export_
     assert report.argmax_agreement >= 0.7  # measured ~0.9; greedy output may diverge at 4 bits
 
 
+def test_gguf_stats_count_every_weight_and_its_type(export_hf, export_gguf_files):
+    n_parameters = sum(p.numel() for p in export_hf[0].parameters())
+    f16, q8_0, q4_k_m = (export.gguf_stats(export_gguf_files[q]) for q in ("f16", "q8_0", "Q4_K_M"))
+
+    assert f16.n_weights == q8_0.n_weights == q4_k_m.n_weights == n_parameters
+    assert set(q8_0.weights_per_type) == {"Q8_0", "F32"}  # norms stay f32
+    assert q8_0.tensor_bits_per_weight == pytest.approx(8.5, abs=0.05)  # 34 bytes per block of 32
+    assert "Q4_K" in q4_k_m.weights_per_type and q4_k_m.tensor_bits_per_weight < 6
+    assert f16.bits_per_weight > f16.tensor_bits_per_weight  # the file also carries the tokenizer
+    assert f16.file_bytes == export_gguf_files["f16"].stat().st_size
+
+
+# --- Serving with llama.cpp alone --------------------------------------------------------------
+
+
+def test_llama_cpp_adds_no_bos_because_the_file_says_so(export_gguf_files):
+    llm = export.open_llama(export_gguf_files["f16"], vocab_only=True)
+    try:
+        # add_bos=True asks for the model's BOS *if* its add_bos_token flag is true; ours is false
+        assert llm.tokenize(b"Hello", add_bos=True) == llm.tokenize(b"Hello", add_bos=False)
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_completion_is_the_greedy_continuation(export_hf, export_prompts, export_gguf_files):
+    model, tokenizer = export_hf
+    path = export_gguf_files["f16"]
+    report = export.compare_with_llama_cpp(model, tokenizer, path, export_prompts, max_new_tokens=8)
+    replies = export.generate_with_llama_cpp(path, export_prompts, max_new_tokens=8)
+
+    for compared, reply in zip(report.prompts, replies, strict=True):
+        tokens = compared.gguf_tokens  # llama.cpp's own greedy tokens, from the logits
+        if tokenizer.eos_token_id in tokens:  # the completion stops at EOS and leaves it out
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert reply == tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+def test_exact_match_with_llama_cpp_scores_llama_cpp_replies(export_hf, export_gguf_files):
+    from ftcourse import evaluate
+    from ftcourse.toy.tasks import build_tasks
+
+    tokenizer = export_hf[1]
+    tasks = build_tasks("test", per_family=2)
+    report = export.exact_match_with_llama_cpp(export_gguf_files["q8_0"], tokenizer, tasks)
+    prompts = [evaluate.chat_prompt(tokenizer, task) for task in tasks]
+    replies = export.generate_with_llama_cpp(export_gguf_files["q8_0"], prompts)
+
+    assert report.n_tasks == len(tasks) and set(report.by_family) == {t.family for t in tasks}
+    assert report.replies == tuple(evaluate.first_answer(r) for r in replies)
+    hits = [answer == task.answer for answer, task in zip(report.replies, tasks, strict=True)]
+    assert report.overall == sum(hits) / len(tasks)
+
+
 # --- GGUF contents, read independently ---------------------------------------------------------
 
 
@@ -446,9 +499,11 @@ def test_register_and_chat_send_what_ollama_expects(recording_ollama_stub, expor
     create = json.loads(calls[("POST", "/api/create")])
     assert create["model"] == "ftcourse-test" and create["files"] == {"model.gguf": digest}
     assert create["template"] == modelfile.CHATML_OLLAMA_TEMPLATE and create["system"] == "Be brief."
-    assert create["parameters"] == {"stop": list(modelfile.CHATML_STOP), "temperature": 0.0}
+    assert create["parameters"] == {"stop": list(modelfile.CHATML_STOP), **modelfile.GREEDY_OPTIONS}
+    assert modelfile.GREEDY_OPTIONS == {"temperature": 0.0, "repeat_penalty": 1.0}  # Ollama: 0.8, 1.1
     chat = json.loads(calls[("POST", "/api/chat")])
     assert chat["messages"] == [{"role": "user", "content": "Hello"}] and chat["options"]["temperature"] == 0
+    assert chat["options"]["repeat_penalty"] == 1
 
 
 _GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
@@ -529,7 +584,7 @@ def test_modelfile_names_file_template_stops_and_greedy_decoding(tmp_path):
     assert all(
         f'PARAMETER stop "{token}"' in text for token in ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
     )
-    assert "PARAMETER temperature 0\n" in text
+    assert "PARAMETER temperature 0\n" in text and "PARAMETER repeat_penalty 1\n" in text
 
 
 # --- Pipeline and command line ----------------------------------------------------------------

@@ -21,8 +21,8 @@ def test_every_family_is_present_in_every_split():
 def test_answers_are_correct(split):
     capital_of = dict(countries())
     for task in build_tasks(split, 40):
-        if task.family == "reverse":
-            assert task.answer.split() == task.input.split()[::-1]
+        if task.family == "max":
+            assert task.answer == str(max(int(n) for n in task.input.split()))
         elif task.family == "count":
             assert task.answer == str(len(task.input.split()))
         elif task.family == "add":

@@ -1,15 +1,43 @@
-"""Measuring a model on the task world: exact-match accuracy per task family, chat or raw form."""
+"""Measuring a model, the one way every chapter does it.
+
+- exact match: greedy answers to task-world questions, per task family, chat or raw form;
+- perplexity: how well the model still predicts held-out text of its pretraining distribution;
+- win rate: how often a judge prefers model A's reply to model B's (a trained reward model on the cpu
+  profile, an LLM served by Ollama on the spark profile), and the judge's own accuracy;
+- capability retention: raw-form exact match and perplexity before and after fine-tuning;
+- contamination: test prompts that also occur in the training data or in the pretraining text;
+- bootstrap intervals: how uncertain a mean over a small test set is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
+from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.sft import TrainingRun
+from ftcourse.toy import model_dir
+from ftcourse.toy.corpus import pretraining_documents
 from ftcourse.toy.tasks import FAMILIES, Task, build_tasks
 
 STOP_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation and exact match
+# ---------------------------------------------------------------------------------------------------------
 
 
 def chat_prompt(tokenizer, task: Task, examples: Sequence[Task] = ()) -> str:
@@ -29,6 +57,11 @@ def first_answer(text: str) -> str:
     for marker in STOP_MARKERS:
         text = text.split(marker)[0]
     return text.strip()
+
+
+def _device(model) -> torch.device:
+    # PEFT wrappers and plain modules both answer `.device`; test stubs may not.
+    return getattr(model, "device", torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -58,17 +91,55 @@ def replies(model, tokenizer, tasks: Sequence[Task], max_new_tokens: int = 16) -
     return [first_answer(r) for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
 
 
+def bootstrap_interval(
+    values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval for the mean of `values` (0/1 hits, or 1/0.5/0 verdicts)."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("bootstrap_interval needs at least one value")
+    rng = np.random.default_rng(seed)
+    # Resample the test set with replacement: the spread of the means is the spread we would see
+    # if we had drawn another test set of the same size from the same task world.
+    means = data[rng.integers(0, data.size, size=(n_resamples, data.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def percent(value: float, low: float | None = None, high: float | None = None) -> str:
+    """A fraction as a percentage for tables, with its interval when given: '62 [55, 70]'."""
+    text = f"{100 * value:.0f}"
+    return text if low is None or high is None else f"{text} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
 @dataclass(frozen=True)
 class AccuracyReport:
-    """Exact-match accuracy per family, and over all tasks."""
+    """Exact-match accuracy per family, and over all tasks (plus each task's hit and reply)."""
 
     by_family: dict[str, float]
     overall: float
     n_tasks: int
+    hits: tuple[bool, ...] = field(default=(), repr=False)
+    families: tuple[str, ...] = field(default=(), repr=False)
+    replies: tuple[str, ...] = field(default=(), repr=False)  # cut with first_answer
 
     def as_row(self) -> dict[str, float]:
         """One flat row for a results table."""
         return {**self.by_family, "overall": self.overall}
+
+    def interval(self, family: str | None = None, confidence: float = 0.95) -> tuple[float, float]:
+        """Bootstrap interval of the accuracy, over all tasks or one family."""
+        hits = [h for h, f in zip(self.hits, self.families, strict=True) if family in (None, f)]
+        return bootstrap_interval(hits, confidence)
+
+    def with_intervals(self, confidence: float = 0.95) -> dict[str, tuple[float, float, float]]:
+        """(accuracy, low, high) per family and overall, the bounds from the bootstrap."""
+        rows = {
+            family: (score, *self.interval(family, confidence)) for family, score in self.by_family.items()
+        }
+        rows["overall"] = (self.overall, *self.interval(None, confidence))
+        return rows
 
 
 def exact_match(
@@ -84,10 +155,443 @@ def exact_match(
         prompts = [chat_prompt(tokenizer, t, pool.get(t.family, ())) for t in tasks]
     else:
         prompts = [t.raw_prompt for t in tasks]
-    replies = generate(model, tokenizer, prompts, batch_size=batch_size)
-    hits = [first_answer(reply) == task.answer for reply, task in zip(replies, tasks, strict=True)]
+    answers = [first_answer(reply) for reply in generate(model, tokenizer, prompts, batch_size=batch_size)]
+    hits = [answer == task.answer for answer, task in zip(answers, tasks, strict=True)]
     by_family = {}
     for family in dict.fromkeys(t.family for t in tasks):
         scores = [hit for hit, t in zip(hits, tasks, strict=True) if t.family == family]
         by_family[family] = sum(scores) / len(scores)
-    return AccuracyReport(by_family, sum(hits) / len(hits), len(hits))
+    families = tuple(t.family for t in tasks)
+    return AccuracyReport(by_family, sum(hits) / len(hits), len(hits), tuple(hits), families, tuple(answers))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _toy_recipe(profile: Profile | None = None) -> dict[str, Any]:
+    """The recipe of the toy model in use: one rebuilt via FTCOURSE_MODEL, else the embedded one."""
+    # A hub model has no recipe.json and its pretraining text is not public, so the embedded model's
+    # corpus is the one we can search.
+    local = Path(resolve_model("lora", profile))
+    folder = local if (local / "recipe.json").is_file() else model_dir()
+    return json.loads((folder / "recipe.json").read_text())["recipe"]
+
+
+def pretraining_texts(profile: Profile | None = None) -> list[str]:
+    """The documents the toy model was pretrained on (count and seed from its recipe.json)."""
+    recipe = _toy_recipe(profile)
+    return list(pretraining_documents(recipe["n_docs"], seed=recipe["seed"]))
+
+
+def heldout_texts(n_docs: int = 200, profile: Profile | None = None) -> list[str]:
+    """Held-out text of the pretraining distribution: unseen toy documents, or the profile's hub corpus."""
+    profile = profile or active_profile()
+    if not profile.heldout_text:
+        # The generator is deterministic: the documents that follow the ones pretraining used come from
+        # the same distribution (the same invented names, too) and were never trained on. Short raw
+        # lines such as an addition recur everywhere, so this is held-out *text*, not held-out facts.
+        recipe = _toy_recipe(profile)
+        documents = pretraining_documents(recipe["n_docs"] + n_docs, seed=recipe["seed"])
+        return list(islice(documents, recipe["n_docs"], None))
+    from datasets import load_dataset
+
+    name, _, config = profile.heldout_text.partition(":")
+    dataset = load_dataset(name, config or None, split="test")
+    texts = [t for t in dataset["text"] if len(t.split()) >= 20]  # skip headings and blank lines
+    return texts[:n_docs]
+
+
+@torch.no_grad()
+def token_nll(
+    model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over `texts`, and the number of tokens predicted."""
+    # Default special tokens: a BOS for tokenizers that use one (Llama 3), nothing for the toy model.
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        rows = [torch.tensor(ids) for ids in encoded[start : start + batch_size] if len(ids) > 1]
+        if not rows:
+            continue
+        # Right padding, built by hand: positions of real tokens stay 0..n-1 and the tokenizer's
+        # padding side (which `generate` sets to left) does not matter.
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).to(_device(model))
+        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(input_ids.device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, T, V)
+        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # token t+1 is predicted at t
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    return total, count
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16) -> float:
+    """exp of the token-weighted mean next-token NLL over `texts` (each truncated to `max_length`)."""
+    total, count = token_nll(model, tokenizer, texts, max_length, batch_size)
+    if count == 0:
+        raise ValueError("perplexity needs texts of at least two tokens")
+    return float(np.exp(total / count))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Capability retention
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What pretraining gave the model: raw-form exact match and perplexity on held-out text."""
+
+    raw: AccuracyReport
+    perplexity: float
+
+
+def capabilities(model, tokenizer, tasks: Sequence[Task], texts: Sequence[str]) -> Capabilities:
+    """Raw-form exact match on `tasks` and perplexity on `texts`, measured on one model."""
+    return Capabilities(exact_match(model, tokenizer, tasks, form="raw"), perplexity(model, tokenizer, texts))
+
+
+def retention(before: Capabilities, after: Capabilities) -> dict[str, dict[str, float]]:
+    """Before/after/change table of pretraining skills: raw exact match per family (%) and perplexity."""
+    rows = {}
+    for family, score in before.raw.as_row().items():
+        name = f"raw exact match, {family} (%)"
+        rows[name] = {"before": 100 * score, "after": 100 * after.raw.as_row()[family]}
+    rows["held-out perplexity"] = {"before": before.perplexity, "after": after.perplexity}
+    for row in rows.values():
+        row["change"] = row["after"] - row["before"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Judges and win rate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _messages(turn: str | Sequence[Mapping[str, str]], role: str) -> list[dict[str, str]]:
+    """A chat turn as a message list, whether it arrives as plain text or already as messages."""
+    if isinstance(turn, str):
+        return [{"role": role, "content": turn}]
+    return [dict(message) for message in turn]
+
+
+def _content(turn: str | Sequence[Mapping[str, str]]) -> str:
+    """The text of a turn: the string itself, or the content of its last message."""
+    return turn if isinstance(turn, str) else turn[-1]["content"]
+
+
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Hide the progress bars of datasets (TRL's tokenizing pass) and transformers (weight loading)."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    were_on = not datasets.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    if not show:
+        datasets.disable_progress_bars()
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on[0]:
+            datasets.enable_progress_bars()
+        if were_on[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def train_reward_model(
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    steps: int = 60,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    model_path: str | None = None,
+    profile: Profile | None = None,
+    progress: bool = False,
+) -> TrainingRun:
+    """A reward model (the base model with a scalar head) trained with TRL's RewardTrainer on `records`."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    profile = profile or active_profile()
+    with tempfile.TemporaryDirectory() as scratch, _progress_bars(progress):
+        config = RewardConfig(
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 10),
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            max_length=256,
+            activation_checkpointing=False,  # TRL turns it on by default; a tiny model needs no memory saving
+            use_cpu=profile.device == "cpu",
+            bf16=profile.dtype == "bfloat16",
+            disable_tqdm=not progress,
+            model_init_kwargs={"dtype": profile.dtype, "local_files_only": not profile.uses_network},
+        )
+        # Given a path, TRL loads AutoModelForSequenceClassification with num_labels=1: the pretrained body
+        # plus a new linear head that reads the hidden state of the last non-pad token. It also copies the
+        # tokenizer's pad id into the model config, which is how the head finds that token.
+        trainer = RewardTrainer(
+            model=model_path or resolve_model("lora", profile),
+            args=config,
+            train_dataset=Dataset.from_list(list(records)),
+            processing_class=tokenizer,
+        )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # with tqdm off, the Trainer prints every log line
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    model = trainer.model
+    n_params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    return TrainingRun(model, losses, seconds, n_params, n_params)
+
+
+@torch.no_grad()
+def reward_scores(
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[Mapping[str, str]]],
+    replies: Sequence[str | Sequence[Mapping[str, str]]],
+    batch_size: int = 64,
+) -> list[float]:
+    """The reward model's scalar score for each (prompt, reply), formatted with the chat template."""
+    texts = [
+        tokenizer.apply_chat_template(_messages(p, "user") + _messages(r, "assistant"), tokenize=False)
+        for p, r in zip(prompts, replies, strict=True)
+    ]
+    # add_special_tokens=False: the chat template already wrote every special token, as in TRL's training.
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        rows = [torch.tensor(ids) for ids in encoded[start : start + batch_size]]
+        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).to(_device(reward_model))
+        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(input_ids.device)
+        logits = reward_model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
+        scores += logits[:, 0].float().tolist()
+    return scores
+
+
+def verdicts(
+    judge,
+    tokenizer,
+    prompts: Sequence[str | Sequence[Mapping[str, str]]],
+    replies_a: Sequence[str | Sequence[Mapping[str, str]]],
+    replies_b: Sequence[str | Sequence[Mapping[str, str]]],
+) -> list[float]:
+    """Per prompt: 1.0 if the judge prefers reply A, 0.0 if B, 0.5 for a tie."""
+    if not len(prompts) == len(replies_a) == len(replies_b):
+        raise ValueError(
+            f"need one reply from each model per prompt; got {len(prompts)} prompts, "
+            f"{len(replies_a)} replies A and {len(replies_b)} replies B"
+        )
+    # Identical replies are a tie by definition; asking a judge would only measure its noise.
+    same = [_content(a).strip() == _content(b).strip() for a, b in zip(replies_a, replies_b, strict=True)]
+    if hasattr(judge, "compare"):  # a pairwise judge, such as OllamaJudge
+        return [
+            0.5 if tie else judge.compare(_content(p), _content(a), _content(b))
+            for p, a, b, tie in zip(prompts, replies_a, replies_b, same, strict=True)
+        ]
+    # A reward model scores each reply on its own, so it has no position bias.
+    scores_a = reward_scores(judge, tokenizer, prompts, replies_a)
+    scores_b = reward_scores(judge, tokenizer, prompts, replies_b)
+    return [
+        0.5 if tie or a == b else float(a > b) for a, b, tie in zip(scores_a, scores_b, same, strict=True)
+    ]
+
+
+def win_rate(
+    judge,
+    tokenizer,
+    prompts: Sequence[str | Sequence[Mapping[str, str]]],
+    replies_a: Sequence[str | Sequence[Mapping[str, str]]],
+    replies_b: Sequence[str | Sequence[Mapping[str, str]]],
+) -> float:
+    """Fraction of prompts on which the judge prefers reply A to reply B, ties counted half."""
+    return float(np.mean(verdicts(judge, tokenizer, prompts, replies_a, replies_b)))
+
+
+def preference_verdicts(judge, tokenizer, records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The judge's verdict on each preference record: 1.0 when it prefers `chosen` to `rejected`."""
+    prompts = [r["prompt"] for r in records]
+    return verdicts(
+        judge, tokenizer, prompts, [r["chosen"] for r in records], [r["rejected"] for r in records]
+    )
+
+
+def judge_accuracy(judge, tokenizer, records: Sequence[Mapping[str, Any]]) -> float:
+    """How often the judge prefers `chosen` to `rejected` on preference records it was not trained on."""
+    return float(np.mean(preference_verdicts(judge, tokenizer, records)))
+
+
+def judge_agreement(
+    judged: Sequence[float], hits_a: Sequence[bool], hits_b: Sequence[bool]
+) -> tuple[float, int]:
+    """Where exactly one model is right by exact match: how often the judge picked that one, and how many."""
+    decisive = [(v, a) for v, a, b in zip(judged, hits_a, hits_b, strict=True) if a != b]
+    if not decisive:
+        return float("nan"), 0
+    # A verdict of 1.0 picks A; it agrees with the answer key when A is the one that is right.
+    return float(np.mean([1.0 - abs(v - float(a)) for v, a in decisive])), len(decisive)
+
+
+JUDGE_INSTRUCTIONS = (
+    "You compare two answers to the same user request. Judge correctness first, then helpfulness and "
+    "format. Reply with exactly one letter: A if answer A is better, B if answer B is better, T if they "
+    "are equally good."
+)
+
+
+@dataclass(frozen=True)
+class OllamaJudge:
+    """An LLM judge served by Ollama; asks each comparison in both orders to cancel position bias."""
+
+    model: str  # an Ollama model name, e.g. "llama3.1:70b"
+    host: str | None = None  # None: OLLAMA_HOST, else http://localhost:11434
+
+    def _client(self):
+        import ollama
+
+        return ollama.Client(host=self.host)
+
+    def _ask(self, prompt: str, first: str, second: str) -> float:
+        """1.0 if the model prefers the first answer shown, 0.0 the second, 0.5 a tie or an unclear reply."""
+        question = f"User request:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\nBetter answer:"
+        response = self._client().chat(
+            model=self.model,
+            messages=[
+                {"role": "system", "content": JUDGE_INSTRUCTIONS},
+                {"role": "user", "content": question},
+            ],
+            options={"temperature": 0},
+        )
+        letter = response["message"]["content"].strip()[:1].upper()
+        return {"A": 1.0, "B": 0.0}.get(letter, 0.5)
+
+    def compare(self, prompt: str, reply_a: str, reply_b: str) -> float:
+        """1.0 if A is better, 0.0 if B is, 0.5 for a tie or when the two orders disagree."""
+        # LLM judges favour one position; averaging both orders turns an order-driven verdict into a tie.
+        return (self._ask(prompt, reply_a, reply_b) + 1.0 - self._ask(prompt, reply_b, reply_a)) / 2
+
+
+def ollama_judge(model: str, host: str | None = None) -> OllamaJudge:
+    """An OllamaJudge, after checking that the server answers and has `model` pulled."""
+    import ollama
+
+    judge = OllamaJudge(model, host)
+    where = host or "OLLAMA_HOST (default http://localhost:11434)"
+    try:
+        judge._client().show(model)
+    except ConnectionError as error:
+        raise RuntimeError(
+            f"No Ollama server answered at {where}. Start one with `ollama serve` and "
+            f"`ollama pull {model}`, or use the reward-model judge: FTCOURSE_PROFILE=cpu."
+        ) from error
+    except ollama.ResponseError as error:
+        raise RuntimeError(
+            f"The Ollama server at {where} does not have the judge model {model!r} ({error}). "
+            f"Pull it first: `ollama pull {model}`."
+        ) from error
+    return judge
+
+
+def load_judge(tokenizer, profile: Profile | None = None, **train_kwargs: Any):
+    """The profile's judge: a reward model trained now (`reward-model`) or an Ollama LLM (`ollama:NAME`)."""
+    profile = profile or active_profile()
+    if profile.judge == "reward-model":
+        from ftcourse.data import task_records
+
+        records = task_records("train", "preference", per_family=150)
+        return train_reward_model(tokenizer, records, profile=profile, **train_kwargs).model
+    if profile.judge.startswith("ollama:"):
+        return ollama_judge(profile.judge.removeprefix("ollama:"))
+    raise ValueError(
+        f"profile {profile.name!r} names judge {profile.judge!r}; use 'reward-model' or 'ollama:NAME'"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Contamination
+# ---------------------------------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lower case, with every run of whitespace turned into one space: leaks survive reformatting."""
+    return " ".join(text.lower().split())
+
+
+def exchanges(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (user prompt, reply) pairs of a training record in any of the four schemas."""
+    if "messages" in record:
+        turns = record["messages"]
+        return [
+            (turn["content"], turns[i + 1]["content"] if i + 1 < len(turns) else "")
+            for i, turn in enumerate(turns)
+            if turn["role"] == "user"
+        ]
+    if "instruction" in record:
+        prompt = (
+            f"{record['instruction']}\n{record['input']}" if record.get("input") else record["instruction"]
+        )
+        return [(prompt, record.get("output", ""))]
+    reply = record.get("chosen", record.get("completion", ""))
+    return [(_content(record["prompt"]), _content(reply) if reply else "")]
+
+
+@dataclass(frozen=True)
+class ContaminationReport:
+    """Which test tasks leak into training data, and which appear in the pretraining text."""
+
+    n_tasks: int
+    prompt_leaks: tuple[str, ...]  # test prompts that are also training prompts
+    answer_leaks: tuple[str, ...]  # ... whose training record also gives the test answer
+    corpus_hits: dict[str, float] = field(default_factory=dict)  # family -> share found in pretraining text
+
+    @property
+    def leak_fraction(self) -> float:
+        """Share of test tasks whose prompt occurs in the training records."""
+        return len(self.prompt_leaks) / self.n_tasks
+
+
+def in_corpus(tasks: Sequence[Task], documents: Sequence[str]) -> list[bool]:
+    """Whether each task's raw form *with its answer* occurs, as whole lines, in `documents`."""
+    # One string with a newline at both ends, so that "add: 1 + 2\n3" cannot match inside "add: 11 + 2\n3".
+    corpus = "\n" + "\n".join(documents) + "\n"
+    return [f"\n{task.raw_prompt}{task.answer}\n" in corpus for task in tasks]
+
+
+def contamination(
+    test_tasks: Sequence[Task],
+    training_records: Sequence[Mapping[str, Any]],
+    corpus: Sequence[str] | None = None,
+) -> ContaminationReport:
+    """Test prompts found verbatim (after `normalize`) among training prompts, and optionally in `corpus`."""
+    seen: dict[str, set[str]] = {}  # normalized training prompt -> normalized replies given to it
+    for record in training_records:
+        for prompt, reply in exchanges(record):
+            seen.setdefault(normalize(prompt), set()).add(normalize(reply))
+    leaks = [t for t in test_tasks if normalize(t.prompt) in seen]
+    with_answer = [t for t in leaks if normalize(t.answer) in seen[normalize(t.prompt)]]
+    hits: dict[str, float] = {}
+    if corpus is not None:
+        found = in_corpus(test_tasks, corpus)
+        for family in dict.fromkeys(t.family for t in test_tasks):
+            flags = [hit for hit, t in zip(found, test_tasks, strict=True) if t.family == family]
+            hits[family] = sum(flags) / len(flags)
+    return ContaminationReport(
+        len(test_tasks), tuple(t.prompt for t in leaks), tuple(t.prompt for t in with_answer), hits
+    )

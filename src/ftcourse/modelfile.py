@@ -29,6 +29,10 @@ CHATML_OLLAMA_TEMPLATE = """\
 {{- end }}<|im_start|>assistant
 """
 CHATML_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+# Greedy decoding with nothing else on top, so that Ollama picks the tokens transformers' greedy generate
+# picks. Ollama's own defaults are temperature 0.8 and repeat_penalty 1.1 over the last 64 tokens; the
+# penalty lowers exactly the tokens a copying task must repeat (reversing a word list, quoting a name).
+GREEDY_OPTIONS = {"temperature": 0.0, "repeat_penalty": 1.0}
 
 
 class OllamaUnavailable(RuntimeError):
@@ -40,7 +44,8 @@ def modelfile_text(
     template: str = CHATML_OLLAMA_TEMPLATE,
     system: str | None = None,
     stop: Sequence[str] = CHATML_STOP,
-    temperature: float = 0.0,
+    temperature: float = GREEDY_OPTIONS["temperature"],
+    repeat_penalty: float = GREEDY_OPTIONS["repeat_penalty"],
     num_ctx: int | None = None,
 ) -> str:
     """The text of an Ollama Modelfile: FROM our GGUF, the chat TEMPLATE, stop tokens, parameters."""
@@ -53,8 +58,9 @@ def modelfile_text(
     if system:
         lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{token}"' for token in stop]
-    # temperature 0 = greedy decoding, the same tokens as transformers' greedy generate.
+    # temperature 0 and no repeat penalty = greedy decoding, the tokens transformers' greedy generate picks.
     lines.append(f"PARAMETER temperature {temperature:g}")
+    lines.append(f"PARAMETER repeat_penalty {repeat_penalty:g}")
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
@@ -133,7 +139,7 @@ def register_with_ollama(
         files={"model.gguf": digest},
         template=template,
         system=system,
-        parameters=dict(parameters or {"stop": list(CHATML_STOP), "temperature": 0.0}),
+        parameters=dict(parameters or {"stop": list(CHATML_STOP), **GREEDY_OPTIONS}),
     )
     return name
 
@@ -149,6 +155,6 @@ def chat_with_ollama(
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     response = _client(host).chat(
-        model=name, messages=list(messages), options=dict(options or {"temperature": 0.0})
+        model=name, messages=list(messages), options=dict(options or GREEDY_OPTIONS)
     )
     return response.message.content

@@ -76,3 +76,59 @@ def decision_flow() -> Figure:
     _arrow(ax, (7.6, 3.95 - 1.8), (7.6, 1.25), "")
     fig.tight_layout()
     return fig
+
+
+def metric_panels(
+    panels: Mapping[str, Mapping[str, float | tuple[float, float, float]]], title: str = ""
+) -> Figure:
+    """One small bar chart per metric, one bar per model; a (value, low, high) triple draws an error bar."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels) + 0.6, 3.0), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (metric, bars) in zip(axes[0], panels.items(), strict=True):
+        labels = list(bars)
+        triples = [b if isinstance(b, tuple) else (b, b, b) for b in bars.values()]
+        values = np.array([t[0] for t in triples])
+        # matplotlib wants distances below and above each bar, not the interval's ends
+        errors = np.array([[t[0] - t[1] for t in triples], [t[2] - t[0] for t in triples]])
+        has_interval = any(isinstance(b, tuple) for b in bars.values())
+        drawn = ax.bar(
+            labels, values, color=colors[: len(labels)], yerr=errors if has_interval else None, capsize=3
+        )
+        ax.bar_label(drawn, fmt="%.3g", fontsize=7, padding=2)
+        ax.set_title(metric, fontsize=8.5)
+        ax.tick_params(axis="both", labelsize=7.5)
+        ax.set_ylim(0, 1.2 * max(float(np.max(values + errors[1])), 1e-9))
+        ax.spines[["top", "right"]].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def quantization_tradeoff(
+    bits: Mapping[str, float],
+    logit_error: Mapping[str, Mapping[str, float]],
+    accuracy: Mapping[str, float],
+) -> Figure:
+    """Left: bits per weight against max |Δlogit| per file and reader; right: exact match per served file."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, 3.3), gridspec_kw={"width_ratios": [1.1, 1]})
+    for reader, errors in logit_error.items():
+        files = list(errors)
+        left.plot([bits[f] for f in files], [errors[f] for f in files], "o-", label=reader)
+    for name, x in bits.items():  # label each file once, above its highest point
+        top = max(errors.get(name, 0.0) for errors in logit_error.values())
+        left.annotate(name, (x, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7.5)
+    left.set_yscale("log")
+    left.set_xlabel("bits per weight (file size / parameters)")
+    left.set_ylabel("max |Δlogit| vs transformers")
+    left.legend(frameon=False, fontsize=7.5)
+    labels = list(accuracy)[::-1]  # first entry on top
+    drawn = right.barh(labels, [100 * accuracy[k] for k in labels], color="#7aa6c2")
+    right.bar_label(drawn, fmt="%.1f", fontsize=7.5, padding=2)
+    right.set_xlabel("held-out exact match (%)")
+    right.set_xlim(0, 109)
+    right.tick_params(axis="y", labelsize=7.5)
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -30,11 +30,14 @@ class Profile:
     summary: str
     models: Mapping[str, str]  # role -> hub id or local path
     dtype: str
+    device: str  # "cpu", or "cuda" where weights are placed with device_map="auto"
     uses_network: bool
     datasets: Mapping[str, str] = field(default_factory=dict)  # schema -> hub dataset id
     eval_per_family: int = 50  # held-out tasks per family in every measurement
     sft_examples: int = 600  # training examples in the quick SFT runs
     sft_steps: int = 100
+    judge: str = "reward-model"  # win-rate judge: "reward-model" (trained on the task world) or "ollama:NAME"
+    heldout_text: str = ""  # perplexity text: "" = fresh toy pretraining documents, else "hub_id:config"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -48,6 +51,7 @@ PROFILES: dict[str, Profile] = {
         summary="embedded tiny Llama and generated data, on a plain CPU, offline",
         models={"lora": "embedded", "qlora": "embedded"},
         dtype="float32",
+        device="cpu",
         uses_network=False,
     ),
     "spark": Profile(
@@ -55,6 +59,7 @@ PROFILES: dict[str, Profile] = {
         summary="Llama 3.1 from the hub and hub datasets, bf16, on an NVIDIA DGX Spark",
         models={"lora": "meta-llama/Llama-3.1-8B-Instruct", "qlora": "meta-llama/Llama-3.1-70B-Instruct"},
         dtype="bfloat16",
+        device="cuda",
         uses_network=True,
         datasets={
             "alpaca": "yahma/alpaca-cleaned",
@@ -65,6 +70,8 @@ PROFILES: dict[str, Profile] = {
         eval_per_family=200,
         sft_examples=5000,
         sft_steps=500,
+        judge="ollama:llama3.1:70b",
+        heldout_text="Salesforce/wikitext:wikitext-2-raw-v1",
     ),
 }
 
@@ -118,7 +125,7 @@ def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any)
 
     profile = profile or active_profile()
     options: dict[str, Any] = {"dtype": profile.torch_dtype, **_offline_kwargs(profile)}
-    if profile.uses_network:
+    if profile.device == "cuda":
         options["device_map"] = "auto"
     options.update(kwargs)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(role, profile), **options)

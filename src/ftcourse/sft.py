@@ -36,6 +36,7 @@ def lora_sft(
     seed: int = 0,
     profile: Profile | None = None,
     progress: bool = True,
+    modules_to_save: list[str] | None = None,
 ) -> TrainingRun:
     """LoRA SFT of `model` on a `messages` dataset, loss on the assistant's tokens only."""
     from peft import LoraConfig
@@ -48,6 +49,7 @@ def lora_sft(
         lora_dropout=0.0,
         target_modules=list(DEFAULT_TARGETS),
         task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
     )
     with tempfile.TemporaryDirectory() as scratch:
         config = SFTConfig(
@@ -63,7 +65,7 @@ def lora_sft(
             seed=seed,
             assistant_only_loss=True,  # needs {% generation %} markers in the chat template
             max_length=256,
-            use_cpu=not profile.uses_network,
+            use_cpu=profile.device == "cpu",
             bf16=profile.dtype == "bfloat16",
             disable_tqdm=not progress,
         )

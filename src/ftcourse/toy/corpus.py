@@ -6,11 +6,16 @@ import random
 from collections.abc import Iterator
 
 from ftcourse.toy.lexicon import ADJECTIVES, NOUNS, TASK_WORDS, TIMES, VERBS, invented_names
-from ftcourse.toy.tasks import ADD_MAX, FACT_TEMPLATES, countries, raw_text
+from ftcourse.toy.tasks import ADD_MAX, FACT_TEMPLATES, NUMBER_MAX, countries, max_subject, raw_text
 
 N_PEOPLE = 3000  # invented first names in the prose: they give the tokenizer a realistic vocabulary
-LINE_KINDS = ("reverse", "add", "count", "capital", "fact", "prose")
+LINE_KINDS = ("max", "add", "count", "capital", "fact", "prose")
 LINE_WEIGHTS = (0.2, 0.2, 0.15, 0.12, 0.08, 0.25)
+# What separates a raw task from its answer. Varying it forces the model to find a task's operands by
+# what they are rather than by how far back they sit: a model that only ever saw "\n" there learned
+# position tricks that broke under the chat template, which puts five tokens in that place.
+ANSWER_GAPS = ("\n", " =\n", " ->\n", "\nanswer:\n", "\nso the answer is\n")
+GAP_WEIGHTS = (0.4, 0.15, 0.15, 0.15, 0.15)
 
 
 def prose_sentence(rng: random.Random, people: list[str]) -> str:
@@ -28,16 +33,19 @@ def prose_sentence(rng: random.Random, people: list[str]) -> str:
 
 def raw_line(kind: str, rng: random.Random, world: list[tuple[str, str]], people: list[str]) -> str:
     """One line (a raw task is two) of the corpus, of the given kind."""
-    if kind in ("reverse", "count"):
-        words = rng.sample(TASK_WORDS, rng.randint(2, 6) if kind == "reverse" else rng.randint(1, 8))
-        answer = " ".join(reversed(words)) if kind == "reverse" else str(len(words))
-        return raw_text(kind, " ".join(words), answer)
+    gap = rng.choices(ANSWER_GAPS, weights=GAP_WEIGHTS)[0]
+    if kind == "count":
+        words = rng.sample(TASK_WORDS, rng.randint(1, 8))
+        return raw_text("count", " ".join(words), str(len(words)), gap)
+    if kind == "max":
+        numbers = rng.sample(range(NUMBER_MAX + 1), rng.randint(2, 6))
+        return raw_text("max", max_subject(numbers), str(max(numbers)), gap)
     if kind == "add":
         a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
-        return raw_text("add", f"{a} + {b}", str(a + b))
+        return raw_text("add", f"{a} + {b}", str(a + b), gap)
     if kind == "capital":
         country, capital = rng.choice(world)
-        return raw_text("capital", country, capital)
+        return raw_text("capital", country, capital, gap)
     if kind == "fact":
         country, capital = rng.choice(world)
         return rng.choice(FACT_TEMPLATES).format(country=country, capital=capital)

@@ -1,6 +1,6 @@
 """The task world: small exact-match tasks, generated deterministically, in the schemas of hub datasets.
 
-Each task exists in two forms. The *raw* form ("reverse: cat dog", and "dog cat" on the next line)
+Each task exists in two forms. The *raw* form ("count: cat dog", and "2" on the next line)
 is what the embedded model read thousands of times during pretraining. The *chat* form ("Reverse the
 order of these words.") is what a user types; the base model never saw it, so it has the skill but not
 the manners. Fine-tuning teaches the manners.
@@ -14,20 +14,23 @@ from dataclasses import dataclass, field
 
 from ftcourse.toy.lexicon import TASK_WORDS, invented_names
 
-FAMILIES: tuple[str, ...] = ("reverse", "add", "count", "capital")
-PROCEDURAL: tuple[str, ...] = ("reverse", "add", "count")
+FAMILIES: tuple[str, ...] = ("max", "add", "count", "capital")
+PROCEDURAL: tuple[str, ...] = ("max", "add", "count")
 FACTUAL: tuple[str, ...] = ("capital",)
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 WORLD_SEED = 2026
 N_COUNTRIES = 120
 ADD_MAX = 30  # operands of `add` run from 0 to ADD_MAX
+NUMBER_MAX = 2 * ADD_MAX  # numbers in `max` lists: the same range as the sums of `add`
 
-# Chat phrasings: (instruction, whether the task's input follows on its own line).
+# Chat phrasings. A word list follows its instruction on the same line, after a space, as in the raw
+# form: " cat" and "cat" are different tokens, and a list at the start of a line would begin with one
+# the model never saw there.
 CHAT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "reverse": ("Reverse the order of these words.", "Write these words backwards, last word first."),
-    "add": ("What is {a} plus {b}?", "Add {a} and {b}. Reply with the number only."),
-    "count": ("How many words are in this list?", "Count the words below."),
+    "max": ("Which number is the largest:", "Give the biggest number in this list:"),
+    "add": ("What is {a} + {b}?", "Compute {a} + {b} and reply with the number only."),
+    "count": ("How many words are in this list:", "Count the words in this list:"),
     "capital": ("What is the capital of {country}?", "Name the capital city of {country}."),
 }
 
@@ -55,7 +58,7 @@ class Task:
     @property
     def prompt(self) -> str:
         """The user's message in the chat form."""
-        return f"{self.instruction}\n{self.input}" if self.input else self.instruction
+        return f"{self.instruction} {self.input}" if self.input else self.instruction
 
 
 def countries() -> list[tuple[str, str]]:
@@ -64,16 +67,22 @@ def countries() -> list[tuple[str, str]]:
     return list(zip(names[:N_COUNTRIES], names[N_COUNTRIES:], strict=True))
 
 
-def raw_text(family: str, subject: str, answer: str = "") -> str:
-    """The pretraining form of a task: `family: subject` on one line, the answer on the next."""
-    return f"{family}: {subject}\n{answer}"
+def raw_text(family: str, subject: str, answer: str = "", gap: str = "\n") -> str:
+    """The pretraining form of a task: `family: subject`, a gap (by default a line break), the answer."""
+    return f"{family}: {subject}{gap}{answer}"
 
 
-def _reverse_task(rng: random.Random, template: str) -> Task:
-    words = rng.sample(TASK_WORDS, rng.randint(3, 5))
-    subject = " ".join(words)
-    wrong = (subject, " ".join(words[1:] + words[:1]))  # unreversed, and rotated
-    return Task("reverse", template, subject, " ".join(reversed(words)), raw_text("reverse", subject), wrong)
+def max_subject(numbers: list[int]) -> str:
+    """The numbers of a `max` task as they are written."""
+    return " ".join(str(n) for n in numbers)
+
+
+def _max_task(rng: random.Random, template: str) -> Task:
+    numbers = rng.sample(range(NUMBER_MAX + 1), rng.randint(3, 5))
+    ranked = sorted(numbers)
+    wrong = (str(ranked[0]), str(ranked[-2]))  # the smallest, and the runner-up
+    subject = max_subject(numbers)
+    return Task("max", template, subject, str(ranked[-1]), raw_text("max", subject), wrong)
 
 
 def _count_task(rng: random.Random, template: str) -> Task:
@@ -102,8 +111,8 @@ def split_of(key: str) -> str:
 def _draw(rng: random.Random, family: str, world: list[tuple[str, str]]) -> tuple[str, Task]:
     """One random task of `family` and the key that decides its split."""
     template = rng.choice(CHAT_TEMPLATES[family])
-    if family == "reverse":
-        task = _reverse_task(rng, template)
+    if family == "max":
+        task = _max_task(rng, template)
         return task.input, task
     if family == "count":
         task = _count_task(rng, template)

@@ -1,0 +1,237 @@
+"""ftcourse.evaluate: each metric computes what its docstring says, on inputs whose answer we know."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftcourse import evaluate, profiles
+from ftcourse.data import task_records, to_alpaca, to_messages
+from ftcourse.toy.tasks import FAMILIES, build_tasks, raw_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return profiles.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return profiles.load_base()
+
+
+# --- perplexity -------------------------------------------------------------------------------------------
+
+
+def test_perplexity_is_exp_of_the_token_weighted_mean_nll_and_ignores_padding(model, tokenizer):
+    # Two documents longer than max_length (truncated) and two short lines (padded in a shared batch).
+    texts = evaluate.heldout_texts(2) + ["add: 3 + 4\n7", "max: 3 41 17\n41"]
+    max_length = 64
+    total, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, truncation=True, max_length=max_length)["input_ids"]])
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids).loss.item()  # mean NLL over the n-1 predicted tokens
+        total += loss * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    by_hand = math.exp(total / count)
+    one_by_one = evaluate.perplexity(model, tokenizer, texts, max_length=max_length, batch_size=1)
+    padded = evaluate.perplexity(model, tokenizer, texts, max_length=max_length, batch_size=len(texts))
+    # float32 sums over a few hundred tokens: 1e-4 relative is far tighter than any effect we report
+    assert one_by_one == pytest.approx(by_hand, rel=1e-4)
+    assert padded == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_heldout_texts_are_not_pretraining_documents():
+    training = set(evaluate.pretraining_texts())
+    heldout = evaluate.heldout_texts(100, profiles.PROFILES["cpu"])
+    assert len(heldout) == 100 and not training & set(heldout)
+
+
+# --- exact match ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        ("dog cat<|im_end|>\n<|im_start|>user", "dog cat"),
+        ("  19\nadd: 3 + 4", "19"),
+        ("Varmal<|endoftext|>count:", "Varmal"),
+        ("7<|eot_id|>", "7"),
+        ("<|im_end|>", ""),
+        ("no marker at all ", "no marker at all"),
+    ],
+)
+def test_first_answer_cuts_at_the_first_end_of_turn_or_line_break(reply, answer):
+    assert evaluate.first_answer(reply) == answer
+
+
+class EchoTokenizer:
+    """Just enough of a tokenizer for exact_match: the chat prompt is the user's text."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return messages[-1]["content"]
+
+
+def test_exact_match_of_a_model_with_known_replies(monkeypatch):
+    tasks = build_tasks("test", per_family=4)
+    right: set[str] = set()
+    n_right_by_family = dict(zip(FAMILIES, (4, 3, 1, 0), strict=True))
+    for family, n_right in n_right_by_family.items():
+        right |= {t.prompt for t in [t for t in tasks if t.family == family][:n_right]}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=32):
+        by_prompt = {t.prompt: t for t in tasks}
+        # right answers carry a stop marker and trailing junk, which first_answer must cut off
+        return [f"{by_prompt[p].answer}<|im_end|>junk" if p in right else "wrong" for p in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    report = evaluate.exact_match(None, EchoTokenizer(), tasks)
+    assert report.by_family == dict(zip(FAMILIES, (1.0, 0.75, 0.25, 0.0), strict=True))
+    assert report.overall == 0.5 and report.n_tasks == 16 and sum(report.hits) == 8
+    assert report.replies[0] == tasks[0].answer
+    low, high = report.interval()
+    assert low < 0.5 < high and report.interval(FAMILIES[0]) == (1.0, 1.0)
+    assert report.with_intervals()["count"][0] == 0.25 and set(report.with_intervals()) == {
+        *FAMILIES,
+        "overall",
+    }
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_data():
+    small = evaluate.bootstrap_interval([0, 1] * 10)
+    large = evaluate.bootstrap_interval([0, 1] * 100)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < small[1] - small[0]
+    assert evaluate.bootstrap_interval([1, 1, 1]) == (1.0, 1.0)
+    assert evaluate.percent(0.625, 0.55, 0.7) == "62 [55, 70]" and evaluate.percent(0.5) == "50"
+
+
+# --- judges and win rate ----------------------------------------------------------------------------------
+
+PROMPTS = ["What is 2 + 2?", "Largest of: 3 9", "Count: x y z", "What is the capital of Ostrel?"]
+REPLIES_A = ["4 (four)", "9 is largest", "3", "Varmal"]
+REPLIES_B = ["4", "9", "three words", "Varmal"]  # A longer, A longer, B longer, identical
+EXPECTED_VERDICTS = [1.0, 1.0, 0.0, 0.5]
+
+
+class LongerIsBetter:
+    """A pairwise judge (like OllamaJudge) that prefers the longer reply and records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def compare(self, prompt, reply_a, reply_b):
+        self.asked.append(prompt)
+        return 0.5 if len(reply_a) == len(reply_b) else float(len(reply_a) > len(reply_b))
+
+
+class LengthRewardModel(torch.nn.Module):
+    """A stand-in reward model whose score is the number of tokens: longer conversations score higher."""
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=attention_mask.sum(dim=1, keepdim=True).float())
+
+
+def test_win_rate_with_a_pairwise_stub_judge_counts_ties_half_and_skips_identical_replies():
+    judge = LongerIsBetter()
+    assert evaluate.verdicts(judge, None, PROMPTS, REPLIES_A, REPLIES_B) == EXPECTED_VERDICTS
+    assert judge.asked == PROMPTS[:3]  # identical replies never reach the judge
+    assert evaluate.win_rate(judge, None, PROMPTS, REPLIES_A, REPLIES_B) == pytest.approx(2.5 / 4)
+    assert evaluate.win_rate(judge, None, PROMPTS, REPLIES_B, REPLIES_A) == pytest.approx(1.5 / 4)
+
+
+def test_judge_agreement_counts_only_prompts_where_exactly_one_model_is_right():
+    hits_a, hits_b = [True, False, True, True], [False, True, True, False]
+    # prompt 0: A right, judge picks A (agrees); 1: B right, judge picks A (disagrees); 2: both right
+    # (not counted); 3: A right, judge calls a tie (half)
+    assert evaluate.judge_agreement(EXPECTED_VERDICTS, hits_a, hits_b) == (pytest.approx(0.5), 3)
+
+
+def test_win_rate_with_a_stub_reward_model_and_judge_accuracy(tokenizer):
+    judge = LengthRewardModel()
+    assert evaluate.verdicts(judge, tokenizer, PROMPTS, REPLIES_A, REPLIES_B) == EXPECTED_VERDICTS
+    records = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in zip(PROMPTS[:3], REPLIES_A[:3], REPLIES_B[:3], strict=True)
+    ]
+    assert evaluate.judge_accuracy(judge, tokenizer, records) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="one reply from each model"):
+        evaluate.win_rate(judge, tokenizer, PROMPTS, REPLIES_A, REPLIES_B[:2])
+
+
+def test_ollama_judge_without_a_server_says_what_to_do():
+    with pytest.raises(RuntimeError, match="No Ollama server answered"):
+        evaluate.ollama_judge("llama3.1:70b", host="http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(ValueError, match="ollama:NAME"):
+        evaluate.load_judge(None, replace(profiles.PROFILES["cpu"], judge="gpt-4"))
+
+
+def test_profiles_name_their_judges():
+    assert profiles.PROFILES["cpu"].judge == "reward-model"
+    assert profiles.PROFILES["spark"].judge.startswith("ollama:")
+
+
+def test_reward_model_trains_on_a_handful_of_pairs_and_its_accuracy_is_a_fraction(tokenizer):
+    run = evaluate.train_reward_model(
+        tokenizer, task_records("train", "preference", 2), steps=2, batch_size=4
+    )
+    assert run.losses and all(math.isfinite(loss) for _, loss in run.losses)
+    accuracy = evaluate.judge_accuracy(run.model, tokenizer, task_records("validation", "preference", 2))
+    assert 0.0 <= accuracy <= 1.0
+
+
+# --- capability retention ---------------------------------------------------------------------------------
+
+
+def test_retention_table_reports_before_after_and_change():
+    before = evaluate.Capabilities(evaluate.AccuracyReport({"add": 0.8}, 0.8, 10), perplexity=5.0)
+    after = evaluate.Capabilities(evaluate.AccuracyReport({"add": 0.6}, 0.6, 10), perplexity=5.5)
+    table = evaluate.retention(before, after)
+    assert table["raw exact match, add (%)"] == pytest.approx(
+        {"before": 80.0, "after": 60.0, "change": -20.0}
+    )
+    assert table["held-out perplexity"] == pytest.approx({"before": 5.0, "after": 5.5, "change": 0.5})
+
+
+# --- contamination ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schema", ["messages", "alpaca", "preference", "feedback"])
+def test_the_task_world_splits_do_not_leak_into_each_other(schema):
+    test_tasks = build_tasks("test", 50)
+    for split in ("train", "validation"):
+        report = evaluate.contamination(test_tasks, task_records(split, schema, 150))
+        assert report.prompt_leaks == () and report.leak_fraction == 0.0
+
+
+def test_contamination_catches_a_planted_leak_even_when_reformatted():
+    test_tasks = build_tasks("test", 10)
+    leaked, reworded, wrong = test_tasks[3], test_tasks[15], test_tasks[25]
+    training = task_records("train", "messages", 50) + [to_messages(leaked)]
+    shouty = to_alpaca(reworded)
+    shouty["instruction"] = "  " + shouty["instruction"].upper() + "  "  # case and spacing changed
+    wrong_answer = to_messages(wrong)
+    wrong_answer["messages"][1]["content"] = "something else"
+    report = evaluate.contamination(test_tasks, training + [shouty, wrong_answer])
+    assert set(report.prompt_leaks) == {leaked.prompt, reworded.prompt, wrong.prompt}
+    assert set(report.answer_leaks) == {leaked.prompt, reworded.prompt}
+    assert report.leak_fraction == pytest.approx(3 / len(test_tasks))
+
+
+def test_corpus_check_finds_a_raw_question_with_its_answer_as_whole_lines_only():
+    task = next(t for t in build_tasks("test", 20) if t.family == "add")
+    a, b = task.raw_prompt.removeprefix("add: ").strip().split(" + ")
+    longer_operand = raw_text("add", f"1{a} + {b}", task.answer)  # contains the question as a substring
+    assert evaluate.in_corpus([task], ["some prose.\n" + longer_operand]) == [False]
+    assert evaluate.in_corpus([task], ["some prose.\n" + task.raw_prompt + task.answer + "\nmore"]) == [True]
+    report = evaluate.contamination([task], [], corpus=[task.raw_prompt + task.answer])
+    assert report.corpus_hits == {"add": 1.0} and report.prompt_leaks == ()
