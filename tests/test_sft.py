@@ -18,7 +18,9 @@ def before_and_after():
     model = profiles.load_base(profile=profile)
     tasks = build_tasks("test", per_family=profile.eval_per_family)
     base = evaluate.exact_match(model, tokenizer, tasks)
-    run = sft.lora_sft(model, tokenizer, data.load_records("messages", "train", profile=profile), progress=False)
+    run = sft.lora_sft(
+        model, tokenizer, data.load_records("messages", "train", profile=profile), progress=False
+    )
     tuned = evaluate.exact_match(run.model, tokenizer, tasks)
     with run.model.disable_adapter():
         base_again = evaluate.exact_match(run.model, tokenizer, tasks)

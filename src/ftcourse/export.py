@@ -12,12 +12,14 @@ lives in `ftcourse.modelfile`; `export_pipeline` runs the whole chain.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -626,13 +628,20 @@ def gguf_stats(gguf_path: str | os.PathLike) -> GGUFStats:
     )
 
 
-def load_gguf_with_transformers(gguf_path: str | os.PathLike) -> torch.nn.Module:
+def load_gguf_with_transformers(gguf_path: str | os.PathLike, progress: bool = False) -> torch.nn.Module:
     """Read a GGUF file back into a transformers model: an independent second reader of our file."""
     from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
-    # transformers dequantizes to float32 and undoes the Q/K permutation itself.
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # transformers dequantizes to float32 and undoes the Q/K permutation itself. It draws a progress bar
+    # over the tensors that no setting turns off; without `progress`, only that bar's lines are dropped.
+    captured = io.StringIO()
+    with redirect_stderr(captured if not progress else sys.stderr):
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    kept = [line for line in re.split(r"[\r\n]+", captured.getvalue()) if line and "GGUF tensors" not in line]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    return model
 
 
 # --- 8. The whole pipeline --------------------------------------------------------------------

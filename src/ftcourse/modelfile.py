@@ -31,7 +31,7 @@ CHATML_OLLAMA_TEMPLATE = """\
 CHATML_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 # Greedy decoding with nothing else on top, so that Ollama picks the tokens transformers' greedy generate
 # picks. Ollama's own defaults are temperature 0.8 and repeat_penalty 1.1 over the last 64 tokens; the
-# penalty lowers exactly the tokens a copying task must repeat (reversing a word list, quoting a name).
+# penalty lowers every recently seen token, so it hurts answers that repeat part of the question.
 GREEDY_OPTIONS = {"temperature": 0.0, "repeat_penalty": 1.0}
 
 

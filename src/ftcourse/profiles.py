@@ -34,8 +34,8 @@ class Profile:
     uses_network: bool
     datasets: Mapping[str, str] = field(default_factory=dict)  # schema -> hub dataset id
     eval_per_family: int = 50  # held-out tasks per family in every measurement
-    sft_examples: int = 600  # training examples in the quick SFT runs
-    sft_steps: int = 100
+    sft_examples: int = 1200  # training examples in the quick SFT runs
+    sft_steps: int = 150
     judge: str = "reward-model"  # win-rate judge: "reward-model" (trained on the task world) or "ollama:NAME"
     heldout_text: str = ""  # perplexity text: "" = fresh toy pretraining documents, else "hub_id:config"
 

@@ -28,7 +28,10 @@ NUMBER_MAX = 2 * ADD_MAX  # numbers in `max` lists: the same range as the sums o
 # form: " cat" and "cat" are different tokens, and a list at the start of a line would begin with one
 # the model never saw there.
 CHAT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "max": ("Which number is the largest:", "Give the biggest number in this list:"),
+    "max": (
+        "Which number is the largest: {subject}",
+        "From the list {subject}, which number is the biggest?",
+    ),
     "add": ("What is {a} + {b}?", "Compute {a} + {b} and reply with the number only."),
     "count": ("How many words are in this list:", "Count the words in this list:"),
     "capital": ("What is the capital of {country}?", "Name the capital city of {country}."),
@@ -77,12 +80,17 @@ def max_subject(numbers: list[int]) -> str:
     return " ".join(str(n) for n in numbers)
 
 
+def _place(template: str, subject: str) -> tuple[str, str]:
+    """(instruction, input): a template with {subject} takes it inside, otherwise it follows as input."""
+    return (template.format(subject=subject), "") if "{subject}" in template else (template, subject)
+
+
 def _max_task(rng: random.Random, template: str) -> Task:
     numbers = rng.sample(range(NUMBER_MAX + 1), rng.randint(3, 5))
     ranked = sorted(numbers)
     wrong = (str(ranked[0]), str(ranked[-2]))  # the smallest, and the runner-up
     subject = max_subject(numbers)
-    return Task("max", template, subject, str(ranked[-1]), raw_text("max", subject), wrong)
+    return Task("max", *_place(template, subject), str(ranked[-1]), raw_text("max", subject), wrong)
 
 
 def _count_task(rng: random.Random, template: str) -> Task:
@@ -113,10 +121,10 @@ def _draw(rng: random.Random, family: str, world: list[tuple[str, str]]) -> tupl
     template = rng.choice(CHAT_TEMPLATES[family])
     if family == "max":
         task = _max_task(rng, template)
-        return task.input, task
+        return task.raw_prompt, task
     if family == "count":
         task = _count_task(rng, template)
-        return task.input, task
+        return task.raw_prompt, task
     if family == "add":
         a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
         return f"{a}+{b}", _add_task(a, b, template)
