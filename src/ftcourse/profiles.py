@@ -122,8 +122,11 @@ def load_tokenizer(role: str = "lora", profile: Profile | None = None) -> Any:
 def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any) -> Any:
     """The profile's base model for `role`, in the profile's dtype; extra kwargs go to from_pretrained."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     profile = profile or active_profile()
+    if profile.name == "cpu":
+        hf_logging.disable_progress_bar()  # a bar for loading a 20 MB model is noise in the book
     options: dict[str, Any] = {"dtype": profile.torch_dtype, **_offline_kwargs(profile)}
     if profile.device == "cuda":
         options["device_map"] = "auto"

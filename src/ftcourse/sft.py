@@ -39,7 +39,9 @@ def lora_sft(
     modules_to_save: list[str] | None = None,
 ) -> TrainingRun:
     """LoRA SFT of `model` on a `messages` dataset, loss on the assistant's tokens only."""
+    import datasets
     from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     profile = profile or active_profile()
@@ -69,6 +71,9 @@ def lora_sft(
             bf16=profile.dtype == "bfloat16",
             disable_tqdm=not progress,
         )
+        bars_were_on = datasets.is_progress_bar_enabled()
+        if not progress:
+            datasets.disable_progress_bars()  # TRL tokenizes the dataset with datasets.map
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -76,9 +81,13 @@ def lora_sft(
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # without a bar, Trainer prints every log as a dict
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
+        if bars_were_on:
+            datasets.enable_progress_bars()
     losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
     trainable, total = trainer.model.get_nb_trainable_parameters()
     trainer.model.eval()
