@@ -46,6 +46,19 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_nll_and_ignores_padding(mo
     assert padded == pytest.approx(by_hand, rel=1e-4)
 
 
+def test_nll_at_a_token_and_elsewhere_recombine_into_the_perplexity(model, tokenizer):
+    texts = evaluate.heldout_texts(3)
+    split = evaluate.nll_at_token(model, tokenizer, texts, "\n", max_length=64)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    targets = [t for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"] for t in ids[1:]]
+    n_at = sum(t == newline for t in targets)
+    assert 0 < n_at < len(targets)
+    mean_nll = (split["at"] * n_at + split["elsewhere"] * (len(targets) - n_at)) / len(targets)
+    assert math.exp(mean_nll) == pytest.approx(evaluate.perplexity(model, tokenizer, texts, 64), rel=1e-4)
+    with pytest.raises(ValueError, match="single token"):
+        evaluate.nll_at_token(model, tokenizer, texts, "capital city of")
+
+
 def test_heldout_texts_are_not_pretraining_documents():
     training = set(evaluate.pretraining_texts())
     heldout = evaluate.heldout_texts(100, profiles.PROFILES["cpu"])

@@ -192,6 +192,28 @@ def test_merged_model_logits_equal_adapted_model(export_model_dir):
         assert export.max_logit_difference(merged, adapted, input_ids) > 1e-2
 
 
+def test_merged_copy_does_not_run_the_original_model(export_model_dir):
+    import types
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = _load(export_model_dir)
+    original_forward = model.forward
+
+    def patched_forward(self, *args, **kwargs):  # what TRL's fused LM head does to a model it trains
+        return original_forward(*args, **kwargs)
+
+    model.forward = types.MethodType(patched_forward, model)
+    torch.manual_seed(1)
+    adapted = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    input_ids = tokenizer(["Kalo miten ravo, said 42."], return_tensors="pt")["input_ids"]
+    merged = export.merge_adapter(adapted)
+
+    with adapted.disable_adapter():  # a copy that still called the original would follow the switch
+        assert export.max_logit_difference(merged, adapted, input_ids) > 1e-2
+    assert export.max_logit_difference(merged, adapted, input_ids) < MERGE_MAX_LOGIT_DIFF
+
+
 # --- GGUF in llama.cpp ------------------------------------------------------------------------
 
 

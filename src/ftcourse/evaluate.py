@@ -91,6 +91,14 @@ def replies(model, tokenizer, tasks: Sequence[Task], max_new_tokens: int = 16) -
     return [first_answer(r) for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
 
 
+def mean_by_family(values: Sequence[float], tasks: Sequence[Task]) -> dict[str, float]:
+    """The mean of per-task `values` (hits, verdicts) within each task family, in order of appearance."""
+    groups: dict[str, list[float]] = {}
+    for value, task in zip(values, tasks, strict=True):
+        groups.setdefault(task.family, []).append(float(value))
+    return {family: float(np.mean(group)) for family, group in groups.items()}
+
+
 def bootstrap_interval(
     values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
@@ -157,10 +165,7 @@ def exact_match(
         prompts = [t.raw_prompt for t in tasks]
     answers = [first_answer(reply) for reply in generate(model, tokenizer, prompts, batch_size=batch_size)]
     hits = [answer == task.answer for answer, task in zip(answers, tasks, strict=True)]
-    by_family = {}
-    for family in dict.fromkeys(t.family for t in tasks):
-        scores = [hit for hit, t in zip(hits, tasks, strict=True) if t.family == family]
-        by_family[family] = sum(scores) / len(scores)
+    by_family = mean_by_family(hits, tasks)
     families = tuple(t.family for t in tasks)
     return AccuracyReport(by_family, sum(hits) / len(hits), len(hits), tuple(hits), families, tuple(answers))
 
@@ -226,6 +231,25 @@ def token_nll(
         total += nll.item()
         count += int((targets != -100).sum())
     return total, count
+
+
+@torch.no_grad()
+def nll_at_token(
+    model, tokenizer, texts: Sequence[str], token: str, max_length: int = 256
+) -> dict[str, float]:
+    """Mean next-token NLL over the targets that are `token` ("at") and over all the others ("elsewhere")."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{token!r} is {len(ids)} tokens for this tokenizer; pass a single token")
+    at, elsewhere = [], []
+    for encoded in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]:
+        row = torch.tensor([encoded], device=_device(model))
+        logits = model(input_ids=row).logits[0, :-1].float()  # (T-1, V): predictions for tokens 1..T-1
+        nll = F.cross_entropy(logits, row[0, 1:], reduction="none")
+        is_token = row[0, 1:] == ids[0]
+        at.append(nll[is_token])
+        elsewhere.append(nll[~is_token])
+    return {"at": torch.cat(at).mean().item(), "elsewhere": torch.cat(elsewhere).mean().item()}
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16) -> float:
@@ -306,9 +330,9 @@ def train_reward_model(
     tokenizer,
     records: Sequence[Mapping[str, Any]],
     *,
-    steps: int = 60,
+    steps: int = 40,
     batch_size: int = 16,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 3e-4,
     seed: int = 0,
     model_path: str | None = None,
     profile: Profile | None = None,
@@ -586,12 +610,7 @@ def contamination(
             seen.setdefault(normalize(prompt), set()).add(normalize(reply))
     leaks = [t for t in test_tasks if normalize(t.prompt) in seen]
     with_answer = [t for t in leaks if normalize(t.answer) in seen[normalize(t.prompt)]]
-    hits: dict[str, float] = {}
-    if corpus is not None:
-        found = in_corpus(test_tasks, corpus)
-        for family in dict.fromkeys(t.family for t in test_tasks):
-            flags = [hit for hit, t in zip(found, test_tasks, strict=True) if t.family == family]
-            hits[family] = sum(flags) / len(flags)
+    hits = mean_by_family(in_corpus(test_tasks, corpus), test_tasks) if corpus is not None else {}
     return ContaminationReport(
         len(test_tasks), tuple(t.prompt for t in leaks), tuple(t.prompt for t in with_answer), hits
     )

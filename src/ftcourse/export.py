@@ -54,7 +54,16 @@ def merge_adapter(peft_model: torch.nn.Module, keep_adapter: bool = True) -> tor
     # merge_and_unload rewrites the base model in place; a copy keeps the adapted model usable, so
     # that the merged logits can be compared with it. The copy doubles memory: keep_adapter=False
     # for a large model.
-    source = copy.deepcopy(peft_model) if keep_adapter else peft_model
+    if not keep_adapter:
+        return peft_model.merge_and_unload()
+    source = copy.deepcopy(peft_model)
+    # Trainers patch `model.forward` with closures over the *original* model's forward (TRL's fused LM
+    # head does). deepcopy does not copy closures, so the copy would still run the original, adapter and
+    # all. Dropping the patch restores the class's own forward; accelerate's device hooks (_hf_hook)
+    # are copied correctly and stay.
+    for module in source.modules():
+        if "forward" in module.__dict__ and not hasattr(module, "_hf_hook"):
+            del module.forward
     return source.merge_and_unload()
 
 
@@ -556,7 +565,7 @@ def generate_with_llama_cpp(
     prompts: Sequence[str],
     max_new_tokens: int = 16,
     *,
-    prepend_bos: bool = False,
+    prefix_ids: Sequence[int] = (),
     n_ctx: int = 512,
 ) -> list[str]:
     """Greedy replies from llama.cpp alone: its tokenizer, its model, its sampler, as a server runs them."""
@@ -565,9 +574,9 @@ def generate_with_llama_cpp(
     try:
         for prompt in prompts:
             # A string prompt gets a BOS only if the file says add_bos_token=true (ours says false).
-            # prepend_bos=True forces one, as a runtime that ignores that flag would.
+            # prefix_ids puts tokens in front anyway: what a runtime that adds a BOS token would send.
             ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-            request = [llm.token_bos(), *ids] if prepend_bos else prompt
+            request = [*prefix_ids, *ids] if prefix_ids else prompt
             llm.reset()  # no reuse of the previous prompt's cache: every prompt starts clean
             # temperature 0 selects llama.cpp's greedy sampler; generation stops at the file's EOS token.
             completion = llm.create_completion(request, max_tokens=max_new_tokens, temperature=0.0)

@@ -119,9 +119,12 @@ def quantization_tradeoff(
         top = max(errors.get(name, 0.0) for errors in logit_error.values())
         left.annotate(name, (x, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7.5)
     left.set_yscale("log")
+    low, high = left.get_ylim()
+    left.set_ylim(low, high * 3)  # room for the labels above the top points
+    left.margins(x=0.08)
     left.set_xlabel("bits per weight (file size / parameters)")
     left.set_ylabel("max |Δlogit| vs transformers")
-    left.legend(frameon=False, fontsize=7.5)
+    left.legend(frameon=False, fontsize=7.5, loc="lower left")
     labels = list(accuracy)[::-1]  # first entry on top
     drawn = right.barh(labels, [100 * accuracy[k] for k in labels], color="#7aa6c2")
     right.bar_label(drawn, fmt="%.1f", fontsize=7.5, padding=2)
