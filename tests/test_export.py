@@ -1,19 +1,16 @@
 """Tests for ftcourse.export and ftcourse.modelfile: merging, GGUF, llama.cpp agreement, Ollama, CLI.
 
-Every test takes the model folder from the `export_model_dir` fixture. By default that is a tiny Llama
-built here (same tokenizer recipe, chat template and layer shapes as the book's embedded model, two
-layers, trained for a few steps so its logits are not flat). Set FTCOURSE_EXPORT_MODEL_DIR to run the
-same tests on another Llama folder, e.g. the embedded model.
+Every test takes the model folder from the `export_model_dir` fixture: by default the book's embedded
+model (`ftcourse.toy.model_dir()`). Set FTCOURSE_EXPORT_MODEL_DIR to run the same tests on another
+Llama folder.
 
 llama-cpp-python is a test dependency: without it the llama.cpp tests fail (they never skip).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
 import re
 import shutil
 import socket
@@ -28,29 +25,16 @@ import pytest
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ftcourse import export, modelfile
+from ftcourse import export, modelfile, toy
 from ftcourse.cli import main as cli_main
 
-# The embedded model's ChatML template (ftcourse.toy.tokenizer.CHAT_TEMPLATE), copied so this fixture
-# does not depend on the toy package; the tests read the template back from the model folder.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}"
-    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},
     {"role": "user", "content": "Name a colour."},
     {"role": "assistant", "content": "Blue."},
     {"role": "user", "content": "And another?"},
 ]
-# Tolerances, with what was measured on the fixture model.
+# Tolerances, with what was measured while writing them (a 2-layer fixture; the embedded model passes too).
 F16_MAX_LOGIT_DIFF = 0.05  # measured 0.005-0.015: f16 weights, and llama.cpp keeps its KV cache in f16
 Q8_0_MIN_ARGMAX_AGREEMENT = 0.9  # measured 0.96-1.0; a random-word corpus leaves many near ties
 MERGE_MAX_LOGIT_DIFF = 1e-4  # STACK-NOTES measured ~5e-6 for merge_and_unload
@@ -59,80 +43,12 @@ MERGE_MAX_LOGIT_DIFF = 1e-4  # STACK-NOTES measured ~5e-6 for merge_and_unload
 # --- The fixture model ------------------------------------------------------------------------
 
 
-def _synthetic_corpus(n_lines: int, seed: int = 0) -> list[str]:
-    """Sentences of made-up words, punctuation and numbers: enough variety for ~1000 BPE tokens."""
-    rng = random.Random(seed)
-    syllables = "ka lo mi ten ra su vo pel dri an ox qu zel bor ni tha".split()
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(600)]
-    endings = [".", "!", "?", ", said 42.", " (7 + 3 = 10)."]
-    return [
-        " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(endings)
-        for _ in range(n_lines)
-    ]
-
-
-def build_tiny_llama_dir(path: Path, n_layers: int = 2, train_steps: int = 40) -> Path:
-    """Train a byte-level BPE and a small Llama (hidden 256, GQA 4/2 heads) briefly; save both to path."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    texts = _synthetic_corpus(4000)
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=1024,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        clean_up_tokenization_spaces=False,
-        model_max_length=512,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
-    ids = list(itertools.chain.from_iterable(tokenizer(texts)["input_ids"]))
-    data = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(train_steps):  # a few steps make the logits peaked, so argmax checks mean something
-        batch = data[torch.randint(0, len(data), (8,))]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step(), optimizer.zero_grad()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def export_model_dir(tmp_path_factory) -> Path:
     """The Llama folder every export test uses; FTCOURSE_EXPORT_MODEL_DIR points it elsewhere."""
     if os.environ.get("FTCOURSE_EXPORT_MODEL_DIR"):
         return Path(os.environ["FTCOURSE_EXPORT_MODEL_DIR"])
-    return build_tiny_llama_dir(tmp_path_factory.mktemp("export_model"))
+    return toy.model_dir()  # the book's embedded model, as shipped
 
 
 def _load(model_dir: Path):
