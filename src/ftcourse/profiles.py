@@ -140,7 +140,7 @@ def describe(profile: Profile | None = None) -> str:
     """A short Markdown summary of the active profile, for the first cell of every chapter."""
     profile = profile or active_profile()
     model = resolve_model("lora", profile)
-    if model == str(toy_model_dir()):
+    if profile.models["lora"] == "embedded" and not os.environ.get(MODEL_ENV, "").strip():
         model = "embedded tiny Llama (`ftcourse/toy/weights`)"
     rows = [
         ("profile", f"`{profile.name}`: {profile.summary}"),
