@@ -181,6 +181,14 @@ def test_win_rate_with_a_stub_reward_model_and_judge_accuracy(tokenizer):
         evaluate.win_rate(judge, tokenizer, PROMPTS, REPLIES_A, REPLIES_B[:2])
 
 
+def test_ollama_judge_asks_both_orders_so_a_position_bias_becomes_a_tie(monkeypatch):
+    judge = evaluate.OllamaJudge("any-model")
+    monkeypatch.setattr(evaluate.OllamaJudge, "_ask", lambda self, prompt, first, second: 1.0)
+    assert judge.compare("q", "a", "b") == 0.5  # "the first one" both times: no real preference
+    monkeypatch.setattr(evaluate.OllamaJudge, "_ask", lambda self, prompt, first, second: float(first == "a"))
+    assert judge.compare("q", "a", "b") == 1.0  # prefers "a" wherever it stands
+
+
 def test_ollama_judge_without_a_server_says_what_to_do():
     with pytest.raises(RuntimeError, match="No Ollama server answered"):
         evaluate.ollama_judge("llama3.1:70b", host="http://127.0.0.1:9")  # nothing listens on port 9

@@ -473,6 +473,7 @@ def judge_agreement(
     return float(np.mean([1.0 - abs(v - float(a)) for v, a in decisive])), len(decisive)
 
 
+JUDGE_PAIRS_PER_FAMILY = 150  # training pairs per task family for the reward-model judge
 JUDGE_INSTRUCTIONS = (
     "You compare two answers to the same user request. Judge correctness first, then helpfulness and "
     "format. Reply with exactly one letter: A if answer A is better, B if answer B is better, T if they "
@@ -539,7 +540,7 @@ def load_judge(tokenizer, profile: Profile | None = None, **train_kwargs: Any):
     if profile.judge == "reward-model":
         from ftcourse.data import task_records
 
-        records = task_records("train", "preference", per_family=150)
+        records = task_records("train", "preference", per_family=JUDGE_PAIRS_PER_FAMILY)
         return train_reward_model(tokenizer, records, profile=profile, **train_kwargs).model
     if profile.judge.startswith("ollama:"):
         return ollama_judge(profile.judge.removeprefix("ollama:"))
