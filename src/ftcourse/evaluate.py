@@ -163,10 +163,16 @@ def exact_match(
         prompts = [chat_prompt(tokenizer, t, pool.get(t.family, ())) for t in tasks]
     else:
         prompts = [t.raw_prompt for t in tasks]
-    answers = [first_answer(reply) for reply in generate(model, tokenizer, prompts, batch_size=batch_size)]
+    replies = generate(model, tokenizer, prompts, batch_size=batch_size)
+    return score_replies(replies, tasks)
+
+
+def score_replies(replies: Sequence[str], tasks: Sequence[Task]) -> AccuracyReport:
+    """Exact-match report of raw generated `replies` (cut at the end of the turn) against `tasks`."""
+    answers = [first_answer(reply) for reply in replies]
     hits = [answer == task.answer for answer, task in zip(answers, tasks, strict=True)]
-    by_family = mean_by_family(hits, tasks)
     families = tuple(t.family for t in tasks)
+    by_family = mean_by_family(hits, tasks)
     return AccuracyReport(by_family, sum(hits) / len(hits), len(hits), tuple(hits), families, tuple(answers))
 
 
