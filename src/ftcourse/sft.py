@@ -36,7 +36,6 @@ def lora_sft(
     seed: int = 0,
     profile: Profile | None = None,
     progress: bool = True,
-    modules_to_save: list[str] | None = None,
 ) -> TrainingRun:
     """LoRA SFT of `model` on a `messages` dataset, loss on the assistant's tokens only."""
     import datasets
@@ -51,7 +50,6 @@ def lora_sft(
         lora_dropout=0.0,
         target_modules=list(DEFAULT_TARGETS),
         task_type="CAUSAL_LM",
-        modules_to_save=modules_to_save,
     )
     with tempfile.TemporaryDirectory() as scratch:
         config = SFTConfig(
