@@ -1,8 +1,11 @@
 # ftcourse: two entry points, `make book` and `make test`. Both build the environment first.
 #
-#   make env    create .venv (if missing) and install ftcourse with the pinned CPU stack
-#   make book   execute every chapter and build the HTML book into _build/html
-#   make test   lint, format check, unit tests and every chapter under nbmake
+#   make env    create .venv (if missing) and install ftcourse with the pinned CPU stack, and Debian's
+#               chromium for the browser test when /usr/bin/chromium is missing (apt-get, needs root)
+#   make book   build the HTML book into _build/html (chapters run unless their outputs are cached)
+#   make test   everything CI checks, in order: lint and format; unit tests and every chapter under
+#               nbmake (each passing chapter is stored in the execution cache); the site build with
+#               -W -n, which reuses those outputs; the browser test of the built site
 #   make freeze re-pin constraints-cpu.txt from the current .venv
 #
 # The environment is rebuilt only when pyproject.toml or constraints-cpu.txt change (stamp file).
@@ -17,13 +20,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ftcourse-env.stamp
 TORCH_VERSION := 2.13.0
 CONSTRAINTS := constraints-cpu.txt
+CHROMIUM := /usr/bin/chromium
+SITE_TEST := tests/test_site.py
 
 # Chapters start kernels with the venv's Python and call its tools; put it first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: env book test lint freeze clean
+.PHONY: env book test lint chapters site-test freeze clean
 
-env: $(STAMP)
+env: $(STAMP) $(CHROMIUM)
+
+# The browser test drives the system Chromium (Playwright never downloads one). CI machines start without it.
+$(CHROMIUM):
+	@echo "Installing Debian's chromium for the browser test (tests/test_site.py)..."
+	@if [ "$$(id -u)" -ne 0 ]; then echo "Run as root, or: sudo apt-get install -y chromium" >&2; exit 1; fi
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@echo "Setting up $(VENV) (a few minutes on a fresh machine)..."
@@ -43,8 +55,19 @@ lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Unit tests, then every chapter of _toc.yml (conftest.py); prints each chapter's time and the total.
+chapters: env
+	$(BIN)/pytest --ignore=$(SITE_TEST)
+
+# The browser test of the built site (make book first). CI=true: it fails, never skips, without a site.
+site-test: env
+	CI=$${CI:-true} $(BIN)/pytest -p no:cacheprovider $(SITE_TEST)
+
+# In this order: a chapter runs once, under nbmake; the build renders its cached outputs.
 test: lint
-	$(BIN)/pytest
+	$(MAKE) --no-print-directory chapters
+	$(MAKE) --no-print-directory book
+	$(MAKE) --no-print-directory site-test
 
 # Re-pin the known-good stack after a dependency change (then commit constraints-cpu.txt).
 freeze: env
@@ -56,4 +79,5 @@ freeze: env
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache
+	rm -f book/api/ftcourse*.md
 	find book -name '.*.nbmake.ipynb' -delete

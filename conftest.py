@@ -1,19 +1,27 @@
 """Pytest wiring for the book: every notebook chapter listed in `_toc.yml` runs as a test.
 
 pytest calls `pytest_collect_file` for every file under `testpaths` (see pyproject.toml). When the file
-is a chapter that `_toc.yml` lists *and* a notebook, we hand back a `ChapterFile`. Its single item
-converts the MyST Markdown with jupytext into a hidden `.<name>.nbmake.ipynb` beside the source, runs
-it with nbmake's `NotebookItem` (the kernel starts in the chapter's folder, as in the book build, so
-relative paths behave the same) and deletes the converted notebook afterwards.
+is a chapter that `_toc.yml` lists *and* a notebook, we hand back a `ChapterFile`. Its single item reads
+the MyST Markdown with myst-nb's own reader (the one the book build uses) into a hidden
+`.<name>.nbmake.ipynb` beside the source, runs it with nbmake (the kernel starts in the chapter's folder,
+as in the book build, so relative paths behave the same) and deletes the converted notebook afterwards.
+
+One execution per chapter: a chapter that passes is stored in the book's jupyter-cache under the key of
+the current package, pins and profile (`book/_ext/ftcourse_book.py`). The book build runs with
+`execute_notebooks: cache`, finds the notebook by the hash of its code cells and renders the stored
+outputs instead of executing the chapter again; a chapter whose code changed is executed by the build.
 
 A `.md` page is a notebook exactly when myst-nb would execute it: its front matter names the jupytext
 format `myst` (or `file_format: mystnb`). Text-only pages such as the preface are not collected.
-At the end of the run, the terminal summary lists each chapter's wall time against the budget.
+At the end of the run, the terminal summary lists each chapter's wall and CPU time against the budget
+and the total; a chapter slower than 1.5 x its budget fails.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +34,15 @@ ROOT = Path(__file__).resolve().parent
 TOC_PATH = ROOT / "_toc.yml"
 SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")
 CHAPTER_BUDGET_S = float(os.environ.get("FTCOURSE_CHAPTER_BUDGET_S", "90"))
+# A chapter that runs longer than this multiple of its budget fails: that is a design problem, not noise.
+BUDGET_FAIL_FACTOR = 1.5
 GENERATED_SUFFIX = ".nbmake.ipynb"
 
-_WALL_TIMES = pytest.StashKey[dict[str, tuple[float, bool]]]()  # chapter -> (seconds, passed)
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
+import ftcourse_book  # noqa: E402  (the book's Sphinx extension: shares the execution-cache key)
+
+# chapter -> (wall seconds, kernel CPU seconds or None, passed)
+_WALL_TIMES = pytest.StashKey[dict[str, tuple[float, float | None, bool]]]()
 _TOC = pytest.StashKey["BookToc"]()
 
 
@@ -116,8 +130,52 @@ def _book_toc(config: pytest.Config) -> BookToc | None:
     return config.stash[_TOC]
 
 
+def read_chapter(source: Path):
+    """The notebook myst-nb builds from a MyST chapter (same cells, sources and metadata as the build)."""
+    from myst_nb.core.read import read_myst_markdown_notebook
+    from myst_parser.config.main import MdParserConfig
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8")) or {}
+    parse = config.get("parse") or {}
+    md_config = MdParserConfig(
+        enable_extensions=set(parse.get("myst_enable_extensions") or []),
+        dmath_double_inline=bool(parse.get("myst_dmath_double_inline", False)),
+    )
+    return read_myst_markdown_notebook(
+        source.read_text(encoding="utf-8"), config=md_config, add_source_map=True, path=str(source)
+    )
+
+
+def cache_executed(source: Path, notebook, executed, cache_path: Path | None = None) -> bool:
+    """Store an executed chapter in the book's jupyter-cache, keyed as the build looks it up; False if not."""
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    bundle = nbformat.from_dict(nbformat.convert(notebook, 4))
+    ran = [cell for cell in executed.cells if cell.cell_type == "code"]
+    code = [cell for cell in bundle.cells if cell.cell_type == "code"]
+    if len(ran) != len(code):
+        return False  # nbmake changed the cells: store nothing, the build will execute the chapter
+    for cell, result in zip(code, ran, strict=True):
+        cell.outputs = result.outputs
+        cell.execution_count = result.execution_count
+    for key in ("language_info", "widgets"):
+        if key in executed.metadata:
+            bundle.metadata[key] = executed.metadata[key]
+    cache = get_cache(str(cache_path or ftcourse_book.execution_cache_path(ROOT)))
+    bundle_in = CacheBundleIn(bundle, str(source), data={"executed_by": "pytest"})
+    cache.cache_notebook_bundle(bundle_in, check_validity=False, overwrite=True)
+    return True
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class ChapterItem(NotebookItem):
-    """Runs one chapter with nbmake; a MyST source is converted to a throwaway .ipynb first."""
+    """Runs one chapter with nbmake and stores the executed notebook for the book build."""
 
     def __init__(self, parent: pytest.File, source: Path) -> None:
         if source.suffix == ".md":
@@ -129,20 +187,47 @@ class ChapterItem(NotebookItem):
         self.notebook = notebook
 
     def runtest(self) -> None:
-        import jupytext  # imported here so that collecting the unit tests stays fast
+        import nbformat
+        from nbmake.nb_run import NotebookRun
+        from nbmake.pytest_items import NotebookFailedException
 
-        start, passed = time.perf_counter(), False
+        start, cpu_start, passed = time.perf_counter(), _children_cpu_seconds(), False
+        chapter = self.source.relative_to(ROOT).as_posix()
         try:
             if self.notebook != self.source:
-                jupytext.write(jupytext.read(self.source), self.notebook)
-            super().runtest()
+                notebook = read_chapter(self.source)
+                nbformat.write(notebook, str(self.notebook))
+            else:
+                notebook = nbformat.read(str(self.source), as_version=4)
+            option = self.config.option
+            result = NotebookRun(
+                self.notebook,
+                option.nbmake_timeout,
+                verbose=bool(option.verbose),
+                kernel=option.nbmake_kernel,
+                find_import_errors=option.nbmake_find_import_errors,
+            ).execute()
+            if result.error is not None:
+                raise NotebookFailedException(result)
             passed = True
+            if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0":
+                cache_executed(self.source, notebook, result.nb)
         finally:
             if self.notebook != self.source:
                 self.notebook.unlink(missing_ok=True)
-            chapter = self.source.relative_to(ROOT).as_posix()
+            seconds = time.perf_counter() - start
+            cpu = _children_cpu_seconds() - cpu_start  # the kernel is a child of pytest, reaped at the end
             wall_times = self.config.stash.setdefault(_WALL_TIMES, {})
-            wall_times[chapter] = (time.perf_counter() - start, passed)
+            wall_times[chapter] = (seconds, cpu if cpu > 0 else None, passed)
+        limit = BUDGET_FAIL_FACTOR * CHAPTER_BUDGET_S
+        if seconds > limit:
+            pytest.fail(
+                f"{chapter} ran {seconds:.0f} s, more than {BUDGET_FAIL_FACTOR:g} x its "
+                f"{CHAPTER_BUDGET_S:.0f} s budget ({limit:.0f} s). Make the chapter cheaper "
+                "(fewer steps, seeds or evaluation items: use the profile's sizes). Its outputs were "
+                "cached, so the book build will not run it again.",
+                pytrace=False,
+            )
 
     def reportinfo(self):
         return self.path, 0, f"chapter {self.source.relative_to(ROOT).as_posix()}"
@@ -179,12 +264,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     wall_times = config.stash.get(_WALL_TIMES, {})
     if not wall_times:
         return
-    terminalreporter.section(f"chapter wall times (budget {CHAPTER_BUDGET_S:.0f} s each)")
-    for chapter, (seconds, passed) in wall_times.items():
-        verdict = "FAILED" if not passed else "OVER BUDGET" if seconds > CHAPTER_BUDGET_S else "ok"
-        terminalreporter.write_line(f"{seconds:8.1f} s  {verdict:<11}  {chapter}")
-    total = sum(seconds for seconds, _ in wall_times.values())
-    terminalreporter.write_line(f"{total:8.1f} s  total for {len(wall_times)} chapter(s)")
+    limit = BUDGET_FAIL_FACTOR * CHAPTER_BUDGET_S
+    terminalreporter.section(
+        f"chapter times (budget {CHAPTER_BUDGET_S:.0f} s wall each; over {limit:.0f} s fails)"
+    )
+    terminalreporter.write_line(f"{'wall':>8}    {'CPU':>8}    {'verdict':<11}  chapter")
+    for chapter, (seconds, cpu, passed) in wall_times.items():
+        if not passed:
+            verdict = "FAILED"
+        elif seconds > limit:
+            verdict = "TOO SLOW"
+        elif seconds > CHAPTER_BUDGET_S:
+            verdict = "OVER BUDGET"
+        else:
+            verdict = "ok"
+        cpu_text = f"{cpu:8.1f} s" if cpu is not None else f"{'-':>8}  "
+        terminalreporter.write_line(f"{seconds:8.1f} s  {cpu_text}  {verdict:<11}  {chapter}")
+    total = sum(seconds for seconds, _, _ in wall_times.values())
+    total_cpu = sum(cpu or 0.0 for _, cpu, _ in wall_times.values())
+    terminalreporter.write_line(f"{total:8.1f} s  {total_cpu:8.1f} s  total for {len(wall_times)} chapter(s)")
 
 
 @pytest.fixture(scope="session")

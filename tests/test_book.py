@@ -5,7 +5,6 @@ The `book_toc` fixture comes from the repository's conftest.py.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HTML = ROOT / "_build" / "html"
 FRONT_MATTER_HELP = (
     "A chapter with code starts with MyST-notebook front matter: `jupytext: text_representation: "
     "format_name: myst` and `kernelspec: name: python3` (copy the block at the top of "
@@ -97,18 +95,3 @@ def test_pytest_collects_every_notebook_chapter(book_toc):
             f"{rel(source)} is a notebook chapter in _toc.yml but pytest collected it {count} times. "
             "Chapters must lie under a folder in `testpaths` (pyproject.toml), i.e. under book/."
         )
-
-
-@pytest.mark.skipif(not (HTML / "index.html").is_file(), reason="book not built (run `make book` first)")
-def test_built_book_loads_nothing_from_the_network():
-    """Pages load scripts and styles only from the build itself, and MathJax from the local copy."""
-    remote = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)="(https?:)?//[^"]*\.(?:js|css)\b""")
-    mathjax = re.compile(r"""<script\b[^>]*\bsrc="[^"]*mathjax/tex-chtml-full\.js""")
-    pages = sorted(HTML.rglob("*.html"))
-    for page in pages:
-        text = page.read_text(encoding="utf-8")
-        found = remote.search(text)
-        assert found is None, f"{page.relative_to(HTML)} loads {found.group(0)!r} from the network"
-        if 'class="math' in text:
-            assert mathjax.search(text), f"{page.relative_to(HTML)} has math but no local MathJax"
-    assert (HTML / "mathjax" / "tex-chtml-full.js").is_file(), "local MathJax was not copied into the build"

@@ -1,10 +1,24 @@
-"""Hub-schema records made from the task world."""
+"""data.py: schema records, format conversion, row-level validation of files, cleaning and splitting."""
 
 from __future__ import annotations
 
+import csv
+import json
+from collections import Counter
+
 import pytest
 
-from ftcourse.data import SCHEMAS, load_records, task_records
+from ftcourse import data, profiles
+from ftcourse.data import SCHEMAS, DataError, load_records, task_records
+
+CPU = profiles.PROFILES["cpu"]
+USER = {"role": "user", "content": "What is 2 + 3?"}
+BOT = {"role": "assistant", "content": "5"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return profiles.load_tokenizer(profile=CPU)
 
 
 @pytest.mark.parametrize("schema", sorted(SCHEMAS))
@@ -12,6 +26,7 @@ def test_records_have_exactly_the_schema_columns(schema):
     records = task_records("train", schema, 5)
     assert len(records) == 20
     assert all(tuple(r) == SCHEMAS[schema] for r in records)
+    assert data.validate_records(records, schema).rows_kept == 20  # generated data passes its own checks
 
 
 def test_messages_are_a_user_then_an_assistant_turn():
@@ -26,13 +41,216 @@ def test_preference_pairs_differ_and_feedback_alternates():
     assert labels == [True, False] * 6
 
 
-def test_load_records_on_cpu_is_a_dataset_of_generated_tasks(monkeypatch):
-    monkeypatch.delenv("FTCOURSE_PROFILE", raising=False)
-    dataset = load_records("alpaca", "validation", size=8)
+@pytest.mark.parametrize("size", [1, 7, 8, 201])
+def test_load_records_returns_exactly_size_records(size):
+    dataset = load_records("alpaca", "test", size=size, profile=CPU)
     assert dataset.column_names == list(SCHEMAS["alpaca"])
-    assert len(dataset) == 8
+    assert len(dataset) == size
+
+
+def test_load_records_spreads_families_evenly_and_keeps_the_default_size():
+    tasks = data._balanced(data.build_tasks("train", 30), 10, "train")
+    assert sorted(Counter(t.family for t in tasks).values()) == [2, 2, 3, 3]
+    assert len(load_records("messages", "train", profile=CPU)) == len(
+        task_records("train", "messages", CPU.sft_examples // 4)
+    )
+
+
+def test_load_records_says_why_it_cannot_give_size_records():
+    with pytest.raises(ValueError, match=r"'test' split holds \d+ distinct tasks.*fewer than size=2000"):
+        load_records("messages", "test", size=2000, profile=CPU)
+    with pytest.raises(ValueError, match="size must be a positive"):
+        load_records("messages", "test", size=0, profile=CPU)
 
 
 def test_unknown_schema_names_the_choices():
     with pytest.raises(ValueError, match="schema must be one of"):
         task_records("train", "sharegpt", 1)
+
+
+# --- formats ---------------------------------------------------------------------------------------------
+
+
+def test_the_renderers_write_each_formats_exact_tokens():
+    turns = [USER, BOT]
+    assert data.render_chatml(turns) == (
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+    )
+    assert data.render_llama3(turns) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 3?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n5<|eot_id|>"
+    )
+    text = data.render_alpaca({"instruction": "Add.", "input": "2 + 3", "output": "5"})
+    assert "### Instruction:\nAdd.\n\n### Input:\n2 + 3\n\n### Response:\n5" in text
+    assert "### Input" not in data.render_alpaca({"instruction": "Add 2 + 3.", "input": "", "output": "5"})
+
+
+def test_chatml_renderer_matches_the_embedded_models_template(tokenizer):
+    assert tokenizer.apply_chat_template([USER, BOT], tokenize=False) == data.render_chatml([USER, BOT])
+
+
+def test_conversions_round_trip_and_refuse_what_alpaca_cannot_hold():
+    alpaca = {"instruction": "What is 2 + 3?", "input": "", "output": "5"}
+    assert data.alpaca_to_messages(alpaca) == {"messages": [USER, BOT]}
+    assert data.messages_to_alpaca(data.alpaca_to_messages(alpaca, system="Be brief.")) == alpaca
+    with pytest.raises(ValueError, match="multi-turn"):
+        data.messages_to_alpaca({"messages": [USER, BOT, USER, BOT]})
+    share = {"conversations": [{"from": "human", "value": USER["content"]}, {"from": "gpt", "value": "5"}]}
+    assert data.sharegpt_to_messages(share) == {"messages": [USER, BOT]}
+
+
+def test_assistant_mask_covers_the_reply_and_its_end_token_only(tokenizer):
+    table = data.assistant_mask(tokenizer, [USER, BOT])
+    assert [tok for tok, _, counted in table if counted] == ["5", "<|im_end|>"]
+    assert table[-1] == ("Ċ", tokenizer.convert_tokens_to_ids("Ċ"), False)  # the newline after it is not
+
+
+# --- validation: every bad-input case names its row and field --------------------------------------------
+
+GOOD_MESSAGES = {"messages": [USER, BOT]}
+BAD_CASES = [
+    ("alpaca", {"instruction": "Add.", "input": ""}, "output", "missing"),
+    ("alpaca", {"instruction": "Add.", "input": "", "output": "5", "source": "web"}, "source", "extra field"),
+    ("alpaca", {"instruction": 7, "input": "", "output": "5"}, "instruction", "a string"),
+    ("alpaca", {"instruction": "Add.", "input": None, "output": "5"}, "input", "a string"),
+    ("alpaca", {"instruction": "Add.", "input": "", "output": "  "}, "output", "empty string"),
+    ("messages", {"messages": "hi"}, "messages", "non-empty list"),
+    ("messages", {"messages": [USER, {"role": "bot", "content": "5"}]}, "messages[1].role", "one of"),
+    ("messages", {"messages": [USER, {"role": "assistant"}]}, "messages[1]", "missing ['content']"),
+    ("messages", {"messages": [USER, {"role": "assistant", "content": ""}]}, "messages[1].content", "empty"),
+    ("messages", {"messages": [BOT, USER]}, "messages", "ends with the assistant"),
+    (
+        "preference",
+        {"prompt": [USER], "chosen": [BOT], "rejected": [BOT]},
+        "rejected",
+        "same reply as chosen",
+    ),
+    ("preference", {"prompt": [USER], "chosen": "5", "rejected": 6}, "rejected", "int 6"),
+    ("messages", {"messages": [BOT]}, "messages", "a user turn"),
+    ("feedback", {"prompt": [USER], "completion": [BOT], "label": "yes"}, "label", "a boolean"),
+    ("feedback", {"prompt": [USER], "completion": [BOT], "label": 1}, "label", "a boolean"),
+]
+
+
+@pytest.mark.parametrize(("schema", "record", "field", "found"), BAD_CASES)
+def test_each_bad_row_is_named_by_file_row_and_field(schema, record, field, found, tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = task_records("train", schema, 1)[:2]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*good, record]))
+    with pytest.raises(DataError) as caught:
+        data.load_file(path, schema)
+    message = str(caught.value)
+    assert f"{path}, row 3, field {field!r}" in message, message
+    assert found in message, message
+
+
+def test_a_prompt_that_overflows_max_length_is_named(tokenizer):
+    long = {"messages": [{"role": "user", "content": "cat " * 200}, BOT]}
+    with pytest.raises(
+        DataError, match=r"records, row 2, field 'messages'.*max_length=64.*\d+ prompt tokens"
+    ):
+        data.validate_records([GOOD_MESSAGES, long], "messages", tokenizer=tokenizer, max_length=64)
+    assert (
+        data.validate_records([GOOD_MESSAGES], "messages", tokenizer=tokenizer, max_length=64).rows_kept == 1
+    )
+
+
+def test_collect_mode_reports_every_problem_and_counts_every_row():
+    rows = [GOOD_MESSAGES, {"messages": [BOT]}, {"text": "hi"}, GOOD_MESSAGES]
+    report = data.validate_records(rows, "messages", "chat.json", collect=True)
+    assert report.rows_kept == 2
+    assert report.counts() == {"read": 4, "removed: invalid": 2, "kept": 2}
+    assert [(p.row, p.field) for p in report.problems] == [(2, "messages"), (3, "messages"), (3, "text")]
+
+
+def test_every_file_type_loads_the_same_records(tmp_path):
+    records = task_records("train", "feedback", 2)
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    data.write_jsonl(records, tmp_path / "a.jsonl")
+    with (tmp_path / "a.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SCHEMAS["feedback"])
+        writer.writeheader()
+        for r in records:
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, list) else str(v).lower() for k, v in r.items()}
+            )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
+    for suffix in data.FILE_TYPES:
+        assert data.load_file(tmp_path / f"a{suffix}", "feedback").records == records, suffix
+
+
+def test_file_level_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ValueError, match=r"expected a file ending in one of"):
+        data.load_file(tmp_path / "a.txt", "messages")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_file(tmp_path / "missing.jsonl", "messages")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(GOOD_MESSAGES) + "\n\n{oops\n")
+    with pytest.raises(DataError, match=r"row 2, field '<line>'.*invalid JSON on line 3"):
+        data.load_file(tmp_path / "bad.jsonl", "messages")
+    (tmp_path / "obj.json").write_text(json.dumps(GOOD_MESSAGES))
+    with pytest.raises(DataError, match="a JSON list of objects"):
+        data.load_file(tmp_path / "obj.json", "messages")
+    (tmp_path / "a.csv").write_text("prompt,completion,label\nhi,there,maybe\n")
+    with pytest.raises(DataError, match=r"row 1, field 'label': expected a boolean"):
+        data.load_file(tmp_path / "a.csv", "feedback")
+
+
+# --- cleaning ---------------------------------------------------------------------------------------------
+
+
+def test_jaccard_and_minhash_agree_on_a_hand_worked_case():
+    a, b = data.shingles("abcdef", 3), data.shingles("abcdxy", 3)
+    assert a == {"abc", "bcd", "cde", "def"}
+    assert data.jaccard(a, b) == pytest.approx(2 / 6)  # {abc, bcd} shared of 6 distinct shingles
+    x, y = (
+        data.shingles("the quick brown fox jumps over the lazy dog"),
+        data.shingles("the quick brown fox jumps"),
+    )
+    agreement = (data.minhash(x, 512) == data.minhash(y, 512)).mean()
+    assert agreement == pytest.approx(data.jaccard(x, y), abs=0.06)  # MinHash estimates J (sd ~0.02 here)
+
+
+def test_deduplicate_removes_exact_and_near_copies_and_says_which():
+    base = task_records("train", "messages", 3)
+    shouted = {"messages": [{**m, "content": m["content"].upper() + "  "} for m in base[0]["messages"]]}
+    text = base[1]["messages"][0]["content"]
+    nearly = {"messages": [{"role": "user", "content": text + " Please."}, base[1]["messages"][1]]}
+    result = data.deduplicate([*base, shouted, nearly], threshold=0.7)
+    assert result.exact == [(len(base), 0)]
+    assert [(i, j) for i, j, _ in result.near] == [(len(base) + 1, 1)]
+    assert len(result.kept) == len(base)
+    assert sum(result.removed().values()) == 2
+
+
+def test_token_lengths_and_stats(tokenizer):
+    lengths = data.token_lengths(
+        [GOOD_MESSAGES, {"instruction": "What is 2 + 3?", "input": "", "output": "5"}], tokenizer
+    )
+    assert lengths == [23, 23]  # counted by hand from the template: see test_assistant_mask...
+    stats = data.length_stats([1, 2, 3, 4, 100], max_length=50)
+    assert (stats["median"], stats["max"], stats["over max_length"]) == (3.0, 100.0, 1.0)
+
+
+def test_stratified_split_keeps_each_familys_share():
+    tasks = data.build_tasks("train", 50)
+    train, test = data.stratified_split(tasks, key=lambda t: t.family, test_fraction=0.2, seed=0)
+    assert Counter(t.family for t in test) == {f: 10 for f in data.FAMILIES}
+    assert len(train) + len(test) == len(tasks) and not set(train) & set(test)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        data.stratified_split(tasks, key=lambda t: t.family, test_fraction=1.0)
+
+
+def test_preference_and_feedback_from_one_rated_source():
+    tasks = data.build_tasks("train", 2)
+    rated = data.rated_responses(tasks)
+    rated.append({"prompt": "tie", "responses": [{"text": "a", "rating": 1.0}, {"text": "b", "rating": 1.0}]})
+    pairs, ties = data.preference_pairs(rated)
+    assert ties == 1 and len(pairs) == len(tasks)
+    assert data.validate_records(pairs, "preference").rows_kept == len(pairs)
+    assert pairs[0]["chosen"][0]["content"] == tasks[0].answer
+    feedback = data.feedback_rows(rated[:1])
+    assert [r["label"] for r in feedback] == [True] + [False] * len(tasks[0].distractors)
+    assert data.validate_records(feedback, "feedback").rows_kept == len(feedback)

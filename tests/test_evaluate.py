@@ -11,6 +11,7 @@ import torch
 
 from ftcourse import evaluate, profiles
 from ftcourse.data import task_records, to_alpaca, to_messages
+from ftcourse.toy.corpus import ANSWER_GAPS
 from ftcourse.toy.tasks import FAMILIES, build_tasks, raw_text
 
 
@@ -108,11 +109,79 @@ def test_exact_match_of_a_model_with_known_replies(monkeypatch):
     assert report.overall == 0.5 and report.n_tasks == 16 and sum(report.hits) == 8
     assert report.replies[0] == tasks[0].answer
     low, high = report.interval()
-    assert low < 0.5 < high and report.interval(FAMILIES[0]) == (1.0, 1.0)
+    assert low < 0.5 < high
+    low, high = report.interval(FAMILIES[0])  # 4 of 4: Wilson's interval still has width
+    assert high == 1.0 and low < 1.0
     assert report.with_intervals()["count"][0] == 0.25 and set(report.with_intervals()) == {
         *FAMILIES,
         "overall",
     }
+
+
+def test_exact_match_refuses_empty_tasks_zero_batches_and_prompts_longer_than_the_context(model, tokenizer):
+    tasks = build_tasks("test", 2)
+    with pytest.raises(ValueError, match="at least one task"):
+        evaluate.exact_match(model, tokenizer, [])
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        evaluate.exact_match(model, tokenizer, tasks, batch_size=0)
+    with pytest.raises(ValueError, match="shots must be 0 or more"):
+        evaluate.exact_match(model, tokenizer, tasks, shots=-1)
+    context = model.config.max_position_embeddings
+    prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks]
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert evaluate.check_context(model, tokenizer, prompts, 16) == longest
+    with pytest.raises(ValueError, match=rf"needs {longest + context} positions.*is {context}\b"):
+        evaluate.check_context(model, tokenizer, prompts, max_new_tokens=context)
+    with pytest.raises(ValueError, match="Use fewer than 60 shots"):  # 60 examples cannot fit in 512
+        evaluate.exact_match(model, tokenizer, tasks, shots=60)
+
+
+def test_score_replies_refuses_a_reply_count_that_does_not_match():
+    with pytest.raises(ValueError, match="3 replies for 4 tasks"):
+        evaluate.score_replies(["1", "2", "3"], build_tasks("test", 1))
+
+
+# --- uncertainty ------------------------------------------------------------------------------------------
+
+Z = 1.959963984540054
+
+
+def wilson_by_hand(x: float, n: int, z: float = Z) -> tuple[float, float]:
+    # The textbook form (x + z^2/2) / (n + z^2) +- z sqrt(n) / (n + z^2) sqrt(p q + z^2 / 4n).
+    p = x / n
+    centre = (x + z**2 / 2) / (n + z**2)
+    half = z * math.sqrt(n) / (n + z**2) * math.sqrt(p * (1 - p) + z**2 / (4 * n))
+    return centre - half, centre + half
+
+
+def test_wilson_interval_at_0_and_100_percent_has_width_and_matches_the_closed_form():
+    low, high = evaluate.wilson_interval(0, 50)
+    assert low == 0.0 and high == pytest.approx(Z**2 / (50 + Z**2), abs=1e-12)  # 0.0713: not a point
+    low, high = evaluate.wilson_interval(50, 50)
+    assert low == pytest.approx(50 / (50 + Z**2), abs=1e-12) and high == 1.0
+    for x, n in ((7, 20), (1, 3), (33, 44)):
+        assert evaluate.wilson_interval(x, n) == pytest.approx(wilson_by_hand(x, n), abs=1e-12)
+        # Defining property: at each bound the z-test of the observed share is exactly on the edge.
+        for bound in evaluate.wilson_interval(x, n):
+            assert abs(x / n - bound) == pytest.approx(Z * math.sqrt(bound * (1 - bound) / n), abs=1e-12)
+    assert evaluate.z_for(0.95) == pytest.approx(Z, abs=1e-9)
+    with pytest.raises(ValueError, match="n > 0"):
+        evaluate.wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="between 0 and n=5"):
+        evaluate.wilson_interval(6, 5)
+
+
+def test_clopper_pearson_interval_has_its_closed_form_at_the_edges_and_exact_tails_inside():
+    # 0 of n: the upper bound solves (1 - p)^n = alpha / 2; n of n: the lower bound solves p^n = alpha / 2.
+    assert evaluate.clopper_pearson_interval(0, 50) == pytest.approx((0.0, 1 - 0.025 ** (1 / 50)), abs=1e-9)
+    assert evaluate.clopper_pearson_interval(50, 50) == pytest.approx((0.025 ** (1 / 50), 1.0), abs=1e-9)
+    low, high = evaluate.clopper_pearson_interval(7, 20)
+    tail = lambda k, p: sum(math.comb(20, i) * p**i * (1 - p) ** (20 - i) for i in range(k + 1))  # noqa: E731
+    assert 1 - tail(6, low) == pytest.approx(0.025, abs=1e-9) and tail(7, high) == pytest.approx(
+        0.025, abs=1e-9
+    )
+    wilson = evaluate.wilson_interval(7, 20)
+    assert low < wilson[0] and wilson[1] < high  # the exact interval is the more cautious one here
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_data():
@@ -120,8 +189,63 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_data():
     large = evaluate.bootstrap_interval([0, 1] * 100)
     assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
     assert large[1] - large[0] < small[1] - small[0]
-    assert evaluate.bootstrap_interval([1, 1, 1]) == (1.0, 1.0)
+    assert evaluate.bootstrap_interval([1, 1, 1]) == (1.0, 1.0)  # the percentile bootstrap's blind spot
     assert evaluate.percent(0.625, 0.55, 0.7) == "62 [55, 70]" and evaluate.percent(0.5) == "50"
+
+
+def test_cluster_bootstrap_of_items_asked_twice_equals_the_bootstrap_of_the_items_once():
+    once = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0, 1]
+    twice, labels = once + once, list(range(len(once))) * 2  # every item asked twice, both answers alike
+    naive = evaluate.bootstrap_interval(twice)
+    clustered = evaluate.cluster_bootstrap_interval(twice, labels)
+    assert clustered == evaluate.bootstrap_interval(once)  # same draws: resampling items = resampling pairs
+    assert clustered[1] - clustered[0] > naive[1] - naive[0]  # counting twins as independent is too sure
+    with pytest.raises(ValueError, match="one cluster label per value"):
+        evaluate.cluster_bootstrap_interval([1, 0], [0])
+
+
+def test_accuracy_report_counts_a_repeated_item_once_in_its_interval():
+    report = evaluate.AccuracyReport(
+        {"capital": 0.5},
+        0.5,
+        4,
+        (True, True, False, False),
+        ("capital",) * 4,
+        ("",) * 4,
+        ("a", "a", "b", "c"),
+    )
+    # items a (1 of 1... asked twice, right twice), b and c (wrong): 1 success of 3 independent items
+    assert report.interval("capital") == pytest.approx(evaluate.wilson_interval(1, 3))
+    assert report.interval() == report.interval("capital")
+    with pytest.raises(ValueError, match="no tasks of family 'add'"):
+        report.interval("add")
+
+
+def test_mcnemar_exact_matches_the_binomial_by_hand():
+    assert evaluate.mcnemar_exact(1, 6) == pytest.approx(2 * (1 + 7) / 2**7)  # 0.125
+    assert evaluate.mcnemar_exact(6, 1) == evaluate.mcnemar_exact(1, 6)
+    assert evaluate.mcnemar_exact(0, 5) == pytest.approx(2 / 2**5)
+    assert evaluate.mcnemar_exact(3, 3) == 1.0 and evaluate.mcnemar_exact(0, 0) == 1.0
+
+
+def test_paired_comparison_sees_a_difference_that_two_separate_intervals_hide():
+    rng = torch.Generator().manual_seed(0)
+    base = (torch.rand(100, generator=rng) < 0.5).tolist()
+    better = list(base)
+    flipped = [i for i, hit in enumerate(base) if not hit][:6]
+    for i in flipped:  # A fixes 6 items that B (the base) gets wrong and breaks none
+        better[i] = True
+    result = evaluate.paired_comparison(better, base)
+    assert result.difference == pytest.approx(6 / 100) and (result.only_a, result.only_b) == (6, 0)
+    assert 0 < result.low <= result.difference <= result.high  # the paired interval excludes 0
+    assert result.p_value == pytest.approx(2 / 2**6)
+    separate_a = evaluate.wilson_interval(sum(better), 100)
+    separate_b = evaluate.wilson_interval(sum(base), 100)
+    assert separate_a[0] < separate_b[1]  # yet the two accuracies' own intervals overlap
+    swapped = evaluate.paired_comparison(base, better)  # the sign follows the order of the arguments
+    assert swapped.difference == pytest.approx(-result.difference) and swapped.high < 0
+    with pytest.raises(ValueError, match="same items"):
+        evaluate.paired_comparison([True], [True, False])
 
 
 # --- judges and win rate ----------------------------------------------------------------------------------
@@ -201,15 +325,6 @@ def test_profiles_name_their_judges():
     assert profiles.PROFILES["spark"].judge.startswith("ollama:")
 
 
-def test_reward_model_trains_on_a_handful_of_pairs_and_its_accuracy_is_a_fraction(tokenizer):
-    run = evaluate.train_reward_model(
-        tokenizer, task_records("train", "preference", 2), steps=2, batch_size=4
-    )
-    assert run.losses and all(math.isfinite(loss) for _, loss in run.losses)
-    accuracy = evaluate.judge_accuracy(run.model, tokenizer, task_records("validation", "preference", 2))
-    assert 0.0 <= accuracy <= 1.0
-
-
 # --- capability retention ---------------------------------------------------------------------------------
 
 
@@ -256,3 +371,13 @@ def test_corpus_check_finds_a_raw_question_with_its_answer_as_whole_lines_only()
     assert evaluate.in_corpus([task], ["some prose.\n" + task.raw_prompt + task.answer + "\nmore"]) == [True]
     report = evaluate.contamination([task], [], corpus=[task.raw_prompt + task.answer])
     assert report.corpus_hits == {"add": 1.0} and report.prompt_leaks == ()
+
+
+@pytest.mark.parametrize("gap", ANSWER_GAPS)
+def test_corpus_check_matches_every_gap_the_corpus_uses(gap):
+    task = next(t for t in build_tasks("test", 20) if t.family == "max")
+    subject = task.raw_prompt.removeprefix("max: ").removesuffix("\n")
+    line = raw_text("max", subject, task.answer, gap)
+    assert evaluate.in_corpus([task], ["prose.\n" + line + "\nmore prose."]) == [True]
+    wrong = raw_text("max", subject, task.distractors[0], gap)
+    assert evaluate.in_corpus([task], ["prose.\n" + wrong + "\nmore prose."]) == [False]

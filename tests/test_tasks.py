@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftcourse.toy.tasks import FAMILIES, SPLITS, build_tasks, countries, raw_text, split_of
+from ftcourse.toy.tasks import FAMILIES, SPLITS, build_tasks, countries, item_of, raw_text, split_of
 
 
 def test_same_arguments_give_same_tasks():
@@ -61,3 +61,35 @@ def test_bad_arguments_are_refused_with_the_choices():
         build_tasks("dev", 5)
     with pytest.raises(ValueError, match="at least 1"):
         build_tasks("train", 0)
+
+
+def _subject(task) -> str:
+    return task.raw_prompt.split(": ", 1)[1].removesuffix("\n")
+
+
+def test_item_of_ignores_order_where_the_answer_does():
+    assert item_of("add", "26 + 6") == item_of("add", "6+26") == "6+26"
+    assert item_of("max", "41 3 17") == item_of("max", "3 17 41") == "3 17 41"
+    assert item_of("count", "dog cat") == item_of("count", "cat dog")
+    assert item_of("capital", "Ostrel") == "Ostrel"
+    assert item_of("add", "6 + 26") != item_of("add", "6 + 25")
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_no_held_out_task_has_a_twin_in_training_not_even_reordered(split):
+    # Recompute each item from the raw form (not the stored Task.item), so a wrong item would show here.
+    def items(s: str, n: int) -> set[tuple[str, str]]:
+        return {(t.family, item_of(t.family, _subject(t))) for t in build_tasks(s, n)}
+
+    train = items("train", 200)
+    held_out = items(split, 50)
+    assert len(held_out) > 100  # the check sees real tasks of every family
+    assert not train & held_out
+    for task in build_tasks(split, 50):
+        assert task.item == item_of(task.family, _subject(task))
+
+
+def test_the_test_split_does_hold_commuted_twins_of_its_own_which_evaluation_clusters():
+    add = [t for t in build_tasks("test", 50) if t.family == "add"]
+    swapped = {_subject(t) for t in add} & {" + ".join(_subject(t).split(" + ")[::-1]) for t in add}
+    assert len({t.item for t in add}) < len(add) and swapped  # the same pair, asked both ways round

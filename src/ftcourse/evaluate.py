@@ -6,19 +6,21 @@
   profile, an LLM served by Ollama on the spark profile), and the judge's own accuracy;
 - capability retention: raw-form exact match and perplexity before and after fine-tuning;
 - contamination: test prompts that also occur in the training data or in the pretraining text;
-- bootstrap intervals: how uncertain a mean over a small test set is.
+- uncertainty: Wilson and exact intervals for a proportion, a cluster bootstrap where items repeat, and
+  paired comparisons of two models on the same items (paired bootstrap, McNemar's exact test).
+
+The reward model itself (training, scoring) is `ftcourse.reward`; here it is used as a judge.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from ftcourse.profiles import Profile, active_profile, resolve_model
-from ftcourse.sft import TrainingRun
+from ftcourse.reward import Turn, reward_judge, reward_scores, turn_text
 from ftcourse.toy import model_dir
-from ftcourse.toy.corpus import pretraining_documents
+from ftcourse.toy.corpus import ANSWER_GAPS, pretraining_documents
 from ftcourse.toy.tasks import FAMILIES, Task, build_tasks
 
 STOP_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "\n")
@@ -69,6 +71,8 @@ def generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
 ) -> list[str]:
     """Greedy continuations of `prompts` (special tokens kept, so stop markers stay visible)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[str] = []
@@ -99,10 +103,66 @@ def mean_by_family(values: Sequence[float], tasks: Sequence[Task]) -> dict[str, 
     return {family: float(np.mean(group)) for family, group in groups.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty: intervals for a proportion, clusters of repeated items, paired comparisons
+# ---------------------------------------------------------------------------------------------------------
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: the z of a two-sided 95% interval
+
+
+def z_for(confidence: float) -> float:
+    """The standard-normal z of a two-sided interval at `confidence` (1.96 for 0.95)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    return NormalDist().inv_cdf((1.0 + confidence) / 2)
+
+
+def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval (low, high) for the proportion successes/n; positive width at 0% and 100%."""
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n > 0 trials, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie between 0 and n={n}, got {successes}")
+    # The interval is the set of true proportions p that a z-test would not reject given the observed
+    # share: solving |share - p| <= z * sqrt(p (1 - p) / n) for p gives a centre pulled towards 1/2.
+    share = successes / n
+    scale = 1 + z**2 / n
+    centre = (share + z**2 / (2 * n)) / scale
+    half = z * math.sqrt(share * (1 - share) / n + z**2 / (4 * n**2)) / scale
+    # At 0 and n successes the bound is exactly 0 or 1; say so rather than keep a rounding residue.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    return low, 1.0 if successes == n else min(1.0, centre + half)
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed exactly."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+
+def clopper_pearson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval (low, high) for successes/n: wider than Wilson, never too narrow."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got successes={successes}, n={n}")
+    tail = (1.0 - confidence) / 2
+
+    def solve(tail_probability, target: float) -> float:  # tail_probability increases in p; bisection
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (low, mid) if tail_probability(mid) > target else (mid, high)
+        return (low + high) / 2
+
+    # lower: the p at which `successes` or more has probability tail (that chance grows with p);
+    # upper: the p at which `successes` or fewer has probability tail (that chance shrinks with p).
+    lower = 0.0 if successes == 0 else solve(lambda p: 1 - _binomial_cdf(successes - 1, n, p), tail)
+    upper = 1.0 if successes == n else solve(lambda p: 1 - _binomial_cdf(successes, n, p), 1 - tail)
+    return lower, upper
+
+
 def bootstrap_interval(
     values: Sequence[float], confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile-bootstrap interval for the mean of `values` (0/1 hits, or 1/0.5/0 verdicts)."""
+    """Percentile-bootstrap interval (low, high) for the mean of `values`; zero width if all are equal."""
     data = np.asarray(values, dtype=float)
     if data.size == 0:
         raise ValueError("bootstrap_interval needs at least one value")
@@ -115,6 +175,107 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
+def _cluster_sums(values: Sequence[float], clusters: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster: the sum of its values and how many it has, in order of first appearance."""
+    if len(values) != len(clusters):
+        raise ValueError(
+            f"need one cluster label per value; got {len(values)} values, {len(clusters)} labels"
+        )
+    if len(values) == 0:
+        raise ValueError("need at least one value")
+    index: dict[Any, int] = {}
+    for cluster in clusters:
+        index.setdefault(cluster, len(index))
+    sums, counts = np.zeros(len(index)), np.zeros(len(index))
+    for value, cluster in zip(values, clusters, strict=True):
+        sums[index[cluster]] += float(value)
+        counts[index[cluster]] += 1
+    return sums, counts
+
+
+def cluster_bootstrap_interval(
+    values: Sequence[float],
+    clusters: Sequence[Any],
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval (low, high) of the mean, resampling whole clusters of repeated items."""
+    # Two phrasings of one capital question are not two independent draws from the task world: a model
+    # that knows the capital usually gets both. Resampling countries, not questions, keeps that.
+    sums, counts = _cluster_sums(values, clusters)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, sums.size, size=(n_resamples, sums.size))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (items only A, or only B, got right)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts cannot be negative, got {only_a} and {only_b}")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0  # the two models never disagree: no evidence either way
+    # Under "neither model is better", each discordant item is a fair coin: only_a ~ Binomial(n, 1/2).
+    return min(1.0, 2 * _binomial_cdf(min(only_a, only_b), n, 0.5))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models scored on the same items: accuracies, discordant counts, interval of A - B, McNemar p."""
+
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    only_a: int  # items A got right and B got wrong
+    only_b: int  # items B got right and A got wrong
+    low: float  # paired-bootstrap interval of accuracy_a - accuracy_b
+    high: float
+    p_value: float  # exact McNemar test of "A and B are equally accurate"
+
+    @property
+    def difference(self) -> float:
+        """Accuracy of A minus accuracy of B (a fraction; positive when A is better)."""
+        return self.accuracy_a - self.accuracy_b
+
+
+def paired_comparison(
+    hits_a: Sequence[bool],
+    hits_b: Sequence[bool],
+    clusters: Sequence[Any] | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> PairedComparison:
+    """A PairedComparison of two models' hits on the same items (bootstrap over `clusters` when given)."""
+    if len(hits_a) != len(hits_b):
+        raise ValueError(
+            f"a paired comparison needs the same items: got {len(hits_a)} and {len(hits_b)} hits"
+        )
+    if not hits_a:
+        raise ValueError("a paired comparison needs at least one item")
+    a, b = np.asarray(hits_a, dtype=float), np.asarray(hits_b, dtype=float)
+    # Resampling item *pairs* keeps what both models share (easy items, hard items): the differences vary
+    # far less than two separate accuracies do, which is why a paired test sees what two intervals hide.
+    low, high = cluster_bootstrap_interval(
+        a - b, clusters if clusters is not None else range(a.size), confidence, n_resamples, seed
+    )
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    return PairedComparison(
+        int(a.size),
+        float(a.mean()),
+        float(b.mean()),
+        only_a,
+        only_b,
+        low,
+        high,
+        mcnemar_exact(only_a, only_b),
+    )
+
+
 def percent(value: float, low: float | None = None, high: float | None = None) -> str:
     """A fraction as a percentage for tables, with its interval when given: '62 [55, 70]'."""
     text = f"{100 * value:.0f}"
@@ -123,7 +284,7 @@ def percent(value: float, low: float | None = None, high: float | None = None) -
 
 @dataclass(frozen=True)
 class AccuracyReport:
-    """Exact-match accuracy per family, and over all tasks (plus each task's hit and reply)."""
+    """Exact-match accuracy per family, and over all tasks (plus each task's hit, reply and item)."""
 
     by_family: dict[str, float]
     overall: float
@@ -131,18 +292,34 @@ class AccuracyReport:
     hits: tuple[bool, ...] = field(default=(), repr=False)
     families: tuple[str, ...] = field(default=(), repr=False)
     replies: tuple[str, ...] = field(default=(), repr=False)  # cut with first_answer
+    items: tuple[str, ...] = field(default=(), repr=False)  # what each task asks about (Task.item)
 
     def as_row(self) -> dict[str, float]:
-        """One flat row for a results table."""
+        """One flat row for a results table: accuracy per family and overall."""
         return {**self.by_family, "overall": self.overall}
 
+    def clusters(self) -> tuple[str, ...]:
+        """The cluster label of each task: its family and item, so repeated questions share one label."""
+        items = self.items or tuple(str(i) for i in range(len(self.hits)))
+        return tuple(f"{f}/{i}" for f, i in zip(self.families, items, strict=True))
+
     def interval(self, family: str | None = None, confidence: float = 0.95) -> tuple[float, float]:
-        """Bootstrap interval of the accuracy, over all tasks or one family."""
-        hits = [h for h, f in zip(self.hits, self.families, strict=True) if family in (None, f)]
-        return bootstrap_interval(hits, confidence)
+        """Wilson interval (low, high) of the accuracy over all tasks or one family, an item counted once."""
+        chosen = [
+            (h, c)
+            for h, f, c in zip(self.hits, self.families, self.clusters(), strict=True)
+            if family in (None, f)
+        ]
+        if not chosen:
+            raise ValueError(f"no tasks of family {family!r} in this report; it has {sorted(self.by_family)}")
+        sums, counts = _cluster_sums([h for h, _ in chosen], [c for _, c in chosen])
+        # Where an item is asked more than once (two phrasings of one capital), its questions are not
+        # independent; scoring each item by its mean and counting items gives the interval of a test set
+        # with that many independent items (cautious: correlated twins count as one).
+        return wilson_interval(float((sums / counts).sum()), sums.size, z_for(confidence))
 
     def with_intervals(self, confidence: float = 0.95) -> dict[str, tuple[float, float, float]]:
-        """(accuracy, low, high) per family and overall, the bounds from the bootstrap."""
+        """(accuracy, low, high) per family and overall, the bounds from `interval` (Wilson)."""
         rows = {
             family: (score, *self.interval(family, confidence)) for family, score in self.by_family.items()
         }
@@ -151,11 +328,23 @@ class AccuracyReport:
 
 
 def exact_match(
-    model, tokenizer, tasks: Sequence[Task], form: str = "chat", shots: int = 0, batch_size: int = 32
+    model,
+    tokenizer,
+    tasks: Sequence[Task],
+    form: str = "chat",
+    shots: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
 ) -> AccuracyReport:
     """Greedy exact-match accuracy on `tasks`, in the `chat` form (optionally few-shot) or the `raw` form."""
     if form not in ("chat", "raw"):
         raise ValueError(f"form must be 'chat' or 'raw', got {form!r}")
+    if not tasks:
+        raise ValueError("exact_match needs at least one task; got an empty list (check the split and size)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if shots < 0:
+        raise ValueError(f"shots must be 0 or more, got {shots}")
     if form == "raw" and shots:
         raise ValueError("few-shot examples are only defined for the chat form")
     pool = {f: [t for t in build_tasks("train", shots) if t.family == f] for f in FAMILIES} if shots else {}
@@ -163,17 +352,42 @@ def exact_match(
         prompts = [chat_prompt(tokenizer, t, pool.get(t.family, ())) for t in tasks]
     else:
         prompts = [t.raw_prompt for t in tasks]
-    replies = generate(model, tokenizer, prompts, batch_size=batch_size)
+    check_context(model, tokenizer, prompts, max_new_tokens, shots)
+    replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return score_replies(replies, tasks)
+
+
+def check_context(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, shots: int = 0) -> int:
+    """The longest prompt's length in tokens, after checking prompt + reply fit the model's context."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is None or not callable(tokenizer) or not prompts:
+        return 0  # a stub model in a test, or a model that does not state its context
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    longest = max(lengths)
+    if longest + max_new_tokens > context:
+        hint = f" Use fewer than {shots} shots." if shots else " Shorten the prompt or max_new_tokens."
+        raise ValueError(
+            f"the longest prompt is {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
+            f"{longest + max_new_tokens} positions, but the model's context (max_position_embeddings) is "
+            f"{context}.{hint}"
+        )
+    return longest
 
 
 def score_replies(replies: Sequence[str], tasks: Sequence[Task]) -> AccuracyReport:
     """Exact-match report of raw generated `replies` (cut at the end of the turn) against `tasks`."""
+    if not tasks:
+        raise ValueError("score_replies needs at least one task; got an empty list")
+    if len(replies) != len(tasks):
+        raise ValueError(f"need one reply per task; got {len(replies)} replies for {len(tasks)} tasks")
     answers = [first_answer(reply) for reply in replies]
     hits = [answer == task.answer for answer, task in zip(answers, tasks, strict=True)]
     families = tuple(t.family for t in tasks)
     by_family = mean_by_family(hits, tasks)
-    return AccuracyReport(by_family, sum(hits) / len(hits), len(hits), tuple(hits), families, tuple(answers))
+    items = tuple(t.item or t.prompt for t in tasks)
+    return AccuracyReport(
+        by_family, sum(hits) / len(hits), len(hits), tuple(hits), families, tuple(answers), items
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,127 +515,12 @@ def retention(before: Capabilities, after: Capabilities) -> dict[str, dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _messages(turn: str | Sequence[Mapping[str, str]], role: str) -> list[dict[str, str]]:
-    """A chat turn as a message list, whether it arrives as plain text or already as messages."""
-    if isinstance(turn, str):
-        return [{"role": role, "content": turn}]
-    return [dict(message) for message in turn]
-
-
-def _content(turn: str | Sequence[Mapping[str, str]]) -> str:
-    """The text of a turn: the string itself, or the content of its last message."""
-    return turn if isinstance(turn, str) else turn[-1]["content"]
-
-
-@contextmanager
-def _progress_bars(show: bool) -> Iterator[None]:
-    """Hide the progress bars of datasets (TRL's tokenizing pass) and transformers (weight loading)."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    were_on = not datasets.are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
-    if not show:
-        datasets.disable_progress_bars()
-        transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if were_on[0]:
-            datasets.enable_progress_bars()
-        if were_on[1]:
-            transformers_logging.enable_progress_bar()
-
-
-def train_reward_model(
-    tokenizer,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    steps: int = 40,
-    batch_size: int = 16,
-    learning_rate: float = 3e-4,
-    seed: int = 0,
-    model_path: str | None = None,
-    profile: Profile | None = None,
-    progress: bool = False,
-) -> TrainingRun:
-    """A reward model (the base model with a scalar head) trained with TRL's RewardTrainer on `records`."""
-    from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
-
-    profile = profile or active_profile()
-    with tempfile.TemporaryDirectory() as scratch, _progress_bars(progress):
-        config = RewardConfig(
-            output_dir=scratch,
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, steps // 10),
-            logging_steps=max(1, steps // 10),
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            max_length=256,
-            activation_checkpointing=False,  # TRL turns it on by default; a tiny model needs no memory saving
-            use_cpu=profile.device == "cpu",
-            bf16=profile.dtype == "bfloat16",
-            disable_tqdm=not progress,
-            model_init_kwargs={"dtype": profile.dtype, "local_files_only": not profile.uses_network},
-        )
-        # Given a path, TRL loads AutoModelForSequenceClassification with num_labels=1: the pretrained body
-        # plus a new linear head that reads the hidden state of the last non-pad token. It also copies the
-        # tokenizer's pad id into the model config, which is how the head finds that token.
-        trainer = RewardTrainer(
-            model=model_path or resolve_model("lora", profile),
-            args=config,
-            train_dataset=Dataset.from_list(list(records)),
-            processing_class=tokenizer,
-        )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # with tqdm off, the Trainer prints every log line
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-    losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
-    model = trainer.model
-    n_params = sum(p.numel() for p in model.parameters())
-    model.eval()
-    return TrainingRun(model, losses, seconds, n_params, n_params)
-
-
-@torch.no_grad()
-def reward_scores(
-    reward_model,
-    tokenizer,
-    prompts: Sequence[str | Sequence[Mapping[str, str]]],
-    replies: Sequence[str | Sequence[Mapping[str, str]]],
-    batch_size: int = 64,
-) -> list[float]:
-    """The reward model's scalar score for each (prompt, reply), formatted with the chat template."""
-    texts = [
-        tokenizer.apply_chat_template(_messages(p, "user") + _messages(r, "assistant"), tokenize=False)
-        for p, r in zip(prompts, replies, strict=True)
-    ]
-    # add_special_tokens=False: the chat template already wrote every special token, as in TRL's training.
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        rows = [torch.tensor(ids) for ids in encoded[start : start + batch_size]]
-        input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).to(_device(reward_model))
-        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(input_ids.device)
-        logits = reward_model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
-        scores += logits[:, 0].float().tolist()
-    return scores
-
-
 def verdicts(
     judge,
     tokenizer,
-    prompts: Sequence[str | Sequence[Mapping[str, str]]],
-    replies_a: Sequence[str | Sequence[Mapping[str, str]]],
-    replies_b: Sequence[str | Sequence[Mapping[str, str]]],
+    prompts: Sequence[Turn],
+    replies_a: Sequence[Turn],
+    replies_b: Sequence[Turn],
 ) -> list[float]:
     """Per prompt: 1.0 if the judge prefers reply A, 0.0 if B, 0.5 for a tie."""
     if not len(prompts) == len(replies_a) == len(replies_b):
@@ -430,10 +529,10 @@ def verdicts(
             f"{len(replies_a)} replies A and {len(replies_b)} replies B"
         )
     # Identical replies are a tie by definition; asking a judge would only measure its noise.
-    same = [_content(a).strip() == _content(b).strip() for a, b in zip(replies_a, replies_b, strict=True)]
+    same = [turn_text(a).strip() == turn_text(b).strip() for a, b in zip(replies_a, replies_b, strict=True)]
     if hasattr(judge, "compare"):  # a pairwise judge, such as OllamaJudge
         return [
-            0.5 if tie else judge.compare(_content(p), _content(a), _content(b))
+            0.5 if tie else judge.compare(turn_text(p), turn_text(a), turn_text(b))
             for p, a, b, tie in zip(prompts, replies_a, replies_b, same, strict=True)
         ]
     # A reward model scores each reply on its own, so it has no position bias.
@@ -447,9 +546,9 @@ def verdicts(
 def win_rate(
     judge,
     tokenizer,
-    prompts: Sequence[str | Sequence[Mapping[str, str]]],
-    replies_a: Sequence[str | Sequence[Mapping[str, str]]],
-    replies_b: Sequence[str | Sequence[Mapping[str, str]]],
+    prompts: Sequence[Turn],
+    replies_a: Sequence[Turn],
+    replies_b: Sequence[Turn],
 ) -> float:
     """Fraction of prompts on which the judge prefers reply A to reply B, ties counted half."""
     return float(np.mean(verdicts(judge, tokenizer, prompts, replies_a, replies_b)))
@@ -479,7 +578,6 @@ def judge_agreement(
     return float(np.mean([1.0 - abs(v - float(a)) for v, a in decisive])), len(decisive)
 
 
-JUDGE_PAIRS_PER_FAMILY = 150  # training pairs per task family for the reward-model judge
 JUDGE_INSTRUCTIONS = (
     "You compare two answers to the same user request. Judge correctness first, then helpfulness and "
     "format. Reply with exactly one letter: A if answer A is better, B if answer B is better, T if they "
@@ -544,10 +642,7 @@ def load_judge(tokenizer, profile: Profile | None = None, **train_kwargs: Any):
     """The profile's judge: a reward model trained now (`reward-model`) or an Ollama LLM (`ollama:NAME`)."""
     profile = profile or active_profile()
     if profile.judge == "reward-model":
-        from ftcourse.data import task_records
-
-        records = task_records("train", "preference", per_family=JUDGE_PAIRS_PER_FAMILY)
-        return train_reward_model(tokenizer, records, profile=profile, **train_kwargs).model
+        return reward_judge(tokenizer, profile, **train_kwargs)
     if profile.judge.startswith("ollama:"):
         return ollama_judge(profile.judge.removeprefix("ollama:"))
     raise ValueError(
@@ -580,7 +675,7 @@ def exchanges(record: Mapping[str, Any]) -> list[tuple[str, str]]:
         )
         return [(prompt, record.get("output", ""))]
     reply = record.get("chosen", record.get("completion", ""))
-    return [(_content(record["prompt"]), _content(reply) if reply else "")]
+    return [(turn_text(record["prompt"]), turn_text(reply) if reply else "")]
 
 
 @dataclass(frozen=True)
@@ -599,10 +694,16 @@ class ContaminationReport:
 
 
 def in_corpus(tasks: Sequence[Task], documents: Sequence[str]) -> list[bool]:
-    """Whether each task's raw form *with its answer* occurs, as whole lines, in `documents`."""
+    """Whether each task's raw form *with its answer*, after any of the ANSWER_GAPS, is in `documents`."""
     # One string with a newline at both ends, so that "add: 1 + 2\n3" cannot match inside "add: 11 + 2\n3".
     corpus = "\n" + "\n".join(documents) + "\n"
-    return [f"\n{task.raw_prompt}{task.answer}\n" in corpus for task in tasks]
+    # The corpus writes a raw task and its answer with one of several gaps ("\n", " =\n", "\nanswer:\n",
+    # ...); the task's raw_prompt ends with the first of them. A leak is a leak whichever gap it used.
+    stems = [task.raw_prompt.removesuffix("\n") for task in tasks]
+    return [
+        any(f"\n{stem}{gap}{task.answer}\n" in corpus for gap in ANSWER_GAPS)
+        for stem, task in zip(stems, tasks, strict=True)
+    ]
 
 
 def contamination(

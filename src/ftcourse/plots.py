@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,16 +10,34 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 
-def accuracy_bars(rows: Mapping[str, Mapping[str, float]], title: str = "") -> Figure:
-    """Grouped bars: one group per column (task family, overall), one bar per row (model or setting)."""
+def accuracy_bars(
+    rows: Mapping[str, Mapping[str, float]],
+    title: str = "",
+    intervals: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+) -> Figure:
+    """Grouped bars: one group per column (task family, overall), one bar per row (model or setting).
+
+    `intervals` (same keys as `rows`, values (low, high) fractions) draws each bar's error bar.
+    """
     labels = list(rows)
     columns = list(next(iter(rows.values())))
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for i, label in enumerate(labels):
-        values = [100 * rows[label][c] for c in columns]
+        values = np.array([100 * rows[label][c] for c in columns])
+        errors = None
+        if intervals is not None:
+            low = np.array([100 * intervals[label][c][0] for c in columns])
+            high = np.array([100 * intervals[label][c][1] for c in columns])
+            errors = np.array([values - low, high - values])  # distances below and above each bar
         bars = ax.bar(
-            np.arange(len(columns)) + (i - (len(labels) - 1) / 2) * width, values, width, label=label
+            np.arange(len(columns)) + (i - (len(labels) - 1) / 2) * width,
+            values,
+            width,
+            label=label,
+            yerr=errors,
+            capsize=2,
+            error_kw={"elinewidth": 0.8, "ecolor": "#555555"},
         )
         ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
     ax.set_xticks(np.arange(len(columns)), columns)
@@ -133,5 +151,70 @@ def quantization_tradeoff(
     right.tick_params(axis="y", labelsize=7.5)
     for ax in (left, right):
         ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str = "") -> Figure:
+    """Training loss against step, one line per run; `curves` maps a label to (step, loss) pairs."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    for label, points in curves.items():
+        if not points:
+            raise ValueError(f"run {label!r} logged no loss; train for at least logging_steps steps")
+        steps, losses = zip(*points, strict=True)
+        ax.plot(steps, losses, marker="o", markersize=3, linewidth=1.2, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (nats per token)")
+    ax.set_ylim(bottom=0)
+    ax.spines[["top", "right"]].set_visible(False)
+    if len(curves) > 1:
+        ax.legend(frameon=False, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def memory_breakdown(
+    breakdowns: Mapping[str, Mapping[str, float]], device_gib: float | None = None
+) -> Figure:
+    """Stacked horizontal bars: one bar per setting, one segment per memory component (GiB)."""
+    labels = list(breakdowns)[::-1]  # first entry on top
+    parts = [p for p in next(iter(breakdowns.values())) if any(b.get(p, 0) > 0 for b in breakdowns.values())]
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(parts), 2)))
+    fig, ax = plt.subplots(figsize=(8.2, 0.55 * len(labels) + 1.6))
+    left = np.zeros(len(labels))
+    for part, color in zip(parts, colors, strict=False):
+        values = np.array([breakdowns[label].get(part, 0.0) for label in labels])
+        ax.barh(labels, values, left=left, color=color, label=part, edgecolor="white", linewidth=0.4)
+        left += values
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.1f}", va="center", fontsize=7.5)
+    if device_gib:
+        ax.axvline(device_gib, color="#b22222", lw=1, ls="--")
+        ax.text(device_gib, len(labels) - 0.4, " device", color="#b22222", fontsize=7.5)
+    ax.set_xlabel("GiB at the step's peak")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def estimate_vs_measured(measured: Sequence[float], estimated: Sequence[float], band: float = 0.15) -> Figure:
+    """Estimated against measured values on log axes, with the y = x line and a +-band corridor."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    low, high = 0.8 * min(*measured, *estimated), 1.25 * max(*measured, *estimated)
+    line = np.geomspace(low, high, 50)
+    ax.fill_between(line, line * (1 - band), line * (1 + band), color="#dcebf7", label=f"within {band:.0%}")
+    ax.plot(line, line, color="#555555", lw=0.8, label="estimate = measurement")
+    ax.scatter(measured, estimated, s=18, color="#1f4e79", zorder=3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("measured peak (GiB)")
+    ax.set_ylabel("fit_check estimate (GiB)")
+    ax.legend(frameon=False, fontsize=7.5, loc="upper left")
+    ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return fig

@@ -1,26 +1,298 @@
-"""Supervised fine-tuning with TRL: a quick LoRA SFT run, the way every chapter trains."""
+"""Supervised fine-tuning with TRL: one entry point for every PEFT method (or none), and the book's quick run.
+
+`train_sft` builds TRL's `SFTTrainer` for a chat (`messages`) dataset and trains a *copy* of the model you
+pass, so the model you hold stays the base model. `peft_config=None` is full fine-tuning; any peft config
+(LoRA, DoRA, IA3, prompt tuning, ...) trains only that method's parameters. `lora_sft` is the LoRA recipe
+every chapter uses, and `quick_sft` trains that recipe once per checkout and reloads it from a cache.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import os
+import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ftcourse.profiles import Profile, active_profile
+from ftcourse.profiles import Profile, active_profile, resolve_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CACHE_ENV = "FTCOURSE_CACHE"  # overrides where quick_sft keeps its trained adapters
+
+# The LoRA recipe of the book's quick run, per profile. The embedded model has 5M parameters and learns
+# at a rate ten times what an 8B model takes (2e-4 is the usual LoRA rate there; 2e-5 barely moves the toy).
+QUICK_RECIPES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "learning_rate": 2e-3,
+        "steps": 150,
+        "batch_size": 16,
+        "max_length": 256,
+    },
+    "spark": {
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "learning_rate": 2e-4,
+        "steps": 500,
+        "batch_size": 4,
+        "max_length": 1024,
+    },
+}
 
 
 @dataclass
 class TrainingRun:
-    """What a training run produced: the adapted model, its loss curve, and how long it took."""
+    """What a training run produced: the trained model, its loss curves, its recipe, and how long it took."""
 
     model: Any
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss)
     seconds: float = 0.0
     trainable_parameters: int = 0
     total_parameters: int = 0
+    recipe: dict[str, Any] = field(default_factory=dict)  # every hyperparameter the run used
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    log_history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's raw log
+    output_dir: str | None = None  # where checkpoints went, when the caller asked to keep them
+
+
+def _offline_environment(profile: Profile) -> None:
+    """On a profile without network, tell huggingface_hub and the libraries never to ask the hub."""
+    if profile.uses_network:
+        return
+    # huggingface_hub reads these lazily on each call, so setting them before training is enough.
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[name] = "1"
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+        constants.HF_HUB_DISABLE_TELEMETRY = True
+    except (ImportError, AttributeError):  # an older hub client: the environment variables do the job
+        pass
+
+
+@contextmanager
+def _quiet(progress: bool) -> Iterator[None]:
+    """Hide the progress bars of datasets (TRL's tokenizing pass) while training, and restore them."""
+    import datasets
+
+    were_on = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
+def every_n_steps(every: int, fn: Callable[[Any, int], Any]) -> Any:
+    """A Trainer callback calling `fn(model, step)` every `every` steps; `.results` holds (step, value)."""
+    from transformers import TrainerCallback
+
+    if every < 1:
+        raise ValueError(f"every must be a positive number of steps, got {every}")
+
+    class EveryNSteps(TrainerCallback):
+        def __init__(self) -> None:
+            self.results: list[tuple[int, Any]] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0:
+                was_training = model.training
+                model.eval()
+                self.results.append((state.global_step, fn(model, state.global_step)))
+                model.train(was_training)
+            return control
+
+    return EveryNSteps()
+
+
+def lora_config(
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> Any:
+    """The book's peft `LoraConfig` (extra kwargs such as `use_dora=True` go to LoraConfig)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def _peft_recipe(peft_config: Any) -> dict[str, Any]:
+    """The hyperparameters of a peft config worth recording (method, and rank/alpha/targets for LoRA)."""
+    if peft_config is None:
+        return {"method": "full"}
+    method = str(getattr(peft_config, "peft_type", type(peft_config).__name__)).split(".")[-1].lower()
+    if getattr(peft_config, "use_dora", False):
+        method = "dora"
+    recipe: dict[str, Any] = {"method": method}
+    for name, key in (("r", "lora_rank"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if hasattr(peft_config, name):
+            recipe[key] = getattr(peft_config, name)
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is not None:
+        recipe["targets"] = targets if isinstance(targets, str) else sorted(targets)
+    if hasattr(peft_config, "num_virtual_tokens"):
+        recipe["num_virtual_tokens"] = peft_config.num_virtual_tokens
+    return recipe
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    peft_config: Any = None,
+    eval_dataset: Any = None,
+    learning_rate: float = 2e-3,
+    steps: int | None = None,
+    batch_size: int = 16,
+    gradient_accumulation_steps: int = 1,
+    lr_scheduler_type: str = "cosine",
+    warmup_steps: int = 5,
+    max_length: int = 256,
+    assistant_only_loss: bool = True,
+    packing: bool = False,
+    gradient_checkpointing: bool = False,
+    neftune_noise_alpha: float | None = None,
+    max_grad_norm: float = 1.0,
+    logging_steps: int = 5,
+    eval_steps: int | None = None,
+    callbacks: Sequence[Any] = (),
+    output_dir: str | os.PathLike | None = None,
+    save_steps: int | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    copy_model: bool = True,
+    seed: int = 0,
+    profile: Profile | None = None,
+    progress: bool = True,
+    extra_args: Mapping[str, Any] | None = None,
+) -> TrainingRun:
+    """Train a copy of `model` with TRL's SFTTrainer; returns the run (peft_config=None: full fine-tuning).
+
+    The input model is never modified unless `copy_model=False` (for models too big to copy, such as a
+    4-bit 70B). `eval_dataset` with `eval_steps` evaluates the validation loss during training;
+    `output_dir` with `save_steps` keeps checkpoints there, and `resume_from_checkpoint` resumes from one.
+    `extra_args` go to `SFTConfig` unchanged.
+    """
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    profile = profile or active_profile()
+    _offline_environment(profile)
+    steps = steps or profile.sft_steps
+    if eval_dataset is not None and eval_steps is None:
+        eval_steps = max(1, steps // 10)
+    recipe: dict[str, Any] = {
+        **_peft_recipe(peft_config),
+        "learning_rate": learning_rate,
+        "steps": steps,
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "scheduler": lr_scheduler_type,
+        "warmup_steps": warmup_steps,
+        "max_length": max_length,
+        "assistant_only_loss": assistant_only_loss,
+        "packing": packing,
+        "gradient_checkpointing": gradient_checkpointing,
+        "neftune_noise_alpha": neftune_noise_alpha,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "dtype": profile.dtype,
+    }
+    trainee = copy.deepcopy(model) if copy_model else model
+    keep = output_dir is not None
+    scratch = Path(output_dir) if keep else Path(tempfile.mkdtemp(prefix="ftcourse-sft-"))
+    try:
+        options: dict[str, Any] = {
+            "output_dir": str(scratch),
+            "max_steps": steps,
+            "per_device_train_batch_size": batch_size,
+            "per_device_eval_batch_size": batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "learning_rate": learning_rate,
+            "lr_scheduler_type": lr_scheduler_type,
+            "warmup_steps": warmup_steps,
+            "logging_steps": logging_steps,
+            "save_strategy": "steps" if keep and save_steps else "no",
+            "save_steps": save_steps or 500,
+            "eval_strategy": "steps" if eval_dataset is not None else "no",
+            "eval_steps": eval_steps,
+            "report_to": "none",
+            "seed": seed,
+            "data_seed": seed,
+            "assistant_only_loss": assistant_only_loss,  # needs {% generation %} markers in the template
+            "max_length": max_length,
+            "packing": packing,
+            "activation_checkpointing": gradient_checkpointing,  # TRL turns it on by default; ours is off
+            "neftune_noise_alpha": neftune_noise_alpha,
+            "max_grad_norm": max_grad_norm,
+            "use_cpu": profile.device == "cpu",
+            "bf16": profile.dtype == "bfloat16",
+            "disable_tqdm": not progress,
+            **(extra_args or {}),
+        }
+        config = SFTConfig(**options)
+        with _quiet(progress), warnings.catch_warnings():
+            # peft reads the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+            trainer = SFTTrainer(
+                model=trainee,
+                args=config,
+                train_dataset=dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+                callbacks=list(callbacks) or None,
+            )
+            if not progress:
+                trainer.remove_callback(PrinterCallback)  # without a bar, Trainer prints every log as a dict
+            started = time.perf_counter()
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+            seconds = time.perf_counter() - started
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    history = list(trainer.state.log_history)
+    losses = [(log["step"], log["loss"]) for log in history if "loss" in log]
+    eval_losses = [(log["step"], log["eval_loss"]) for log in history if "eval_loss" in log]
+    trained = trainer.model
+    if hasattr(trained, "get_nb_trainable_parameters"):
+        trainable, total = trained.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in trained.parameters())
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    trained.eval()
+    return TrainingRun(
+        trained,
+        losses,
+        seconds,
+        trainable,
+        total,
+        recipe,
+        eval_losses,
+        history,
+        str(scratch) if keep else None,
+    )
 
 
 def lora_sft(
@@ -30,63 +302,167 @@ def lora_sft(
     *,
     lora_rank: int = 16,
     lora_alpha: int = 32,
+    targets: Sequence[str] = DEFAULT_TARGETS,
     learning_rate: float = 2e-3,
     steps: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
     profile: Profile | None = None,
     progress: bool = True,
+    **train_kwargs: Any,
 ) -> TrainingRun:
-    """LoRA SFT of `model` on a `messages` dataset, loss on the assistant's tokens only."""
-    import datasets
-    from peft import LoraConfig
-    from transformers.trainer_callback import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    """LoRA SFT of a copy of `model` on a `messages` dataset, loss on the assistant's tokens only.
+
+    `model` itself is left untouched: the returned run's `.model` is a new PeftModel around a copy.
+    Other keyword arguments go to `train_sft`.
+    """
+    return train_sft(
+        model,
+        tokenizer,
+        dataset,
+        peft_config=lora_config(lora_rank, lora_alpha, targets),
+        learning_rate=learning_rate,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        profile=profile,
+        progress=progress,
+        **train_kwargs,
+    )
+
+
+# --- the book's shared quick run, trained once and cached -------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where quick_sft keeps adapters: $FTCOURSE_CACHE, else the checkout's _build/ftcourse-cache."""
+    override = os.environ.get(CACHE_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    repo = Path(__file__).resolve().parents[2]  # src/ftcourse/sft.py -> the checkout, for an editable install
+    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
+        return repo / "_build" / "ftcourse-cache"
+    return Path.home() / ".cache" / "ftcourse"
+
+
+def _weights_fingerprint(model_ref: str) -> str:
+    """sha256 of a local model folder's safetensors files, or the hub id itself for a remote model."""
+    folder = Path(model_ref)
+    if not folder.is_dir():
+        return f"hub:{model_ref}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def quick_recipe(profile: Profile | None = None, seed: int = 0) -> dict[str, Any]:
+    """The quick run's full recipe on `profile`: LoRA settings, data size and seed."""
+    profile = profile or active_profile()
+    return {
+        **QUICK_RECIPES[profile.name],
+        "targets": list(DEFAULT_TARGETS),
+        "dataset": "messages/train, load_records' default size",
+        "seed": seed,
+    }
+
+
+def quick_cache_dir(profile: Profile | None = None, seed: int = 0) -> Path:
+    """The cache folder of the quick run: keyed by a hash of its recipe and of the base weights."""
+    profile = profile or active_profile()
+    key = json.dumps(
+        {
+            "recipe": quick_recipe(profile, seed),
+            "weights": _weights_fingerprint(resolve_model("lora", profile)),
+        },
+        sort_keys=True,
+    )
+    return cache_root() / f"quick-sft-{profile.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def load_adapter(base: Any, adapter_dir: str | os.PathLike) -> Any:
+    """`base` wrapped in the saved LoRA adapter from `adapter_dir` (a PeftModel in eval mode)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{adapter_dir} holds no adapter_model.safetensors; save one with model.save_pretrained(folder)."
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft's read
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, local_files_only=True)
+    model.eval()
+    return model
+
+
+def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = False) -> TrainingRun:
+    """The book's shared quick LoRA SFT: trained once, then reloaded from the cache in about a second.
+
+    The adapter, the loss curve and the recipe are cached as safetensors + JSON under `quick_cache_dir`.
+    The returned model is a fresh base model wrapped in that adapter; reloading gives identical outputs.
+    """
+    from ftcourse import data, profiles
 
     profile = profile or active_profile()
-    peft_config = LoraConfig(
-        r=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=0.0,
-        target_modules=list(DEFAULT_TARGETS),
-        task_type="CAUSAL_LM",
+    _offline_environment(profile)
+    folder = quick_cache_dir(profile, seed)
+    base = profiles.load_base(profile=profile)
+    if (folder / "run.json").is_file() and (folder / "adapter_model.safetensors").is_file():
+        saved = json.loads((folder / "run.json").read_text())
+        model = load_adapter(base, folder)
+        return TrainingRun(
+            model,
+            [tuple(x) for x in saved["losses"]],
+            saved["seconds"],
+            saved["trainable_parameters"],
+            saved["total_parameters"],
+            saved["recipe"],
+        )
+    recipe = quick_recipe(profile, seed)
+    tokenizer = profiles.load_tokenizer(profile=profile)
+    records = data.load_records("messages", "train", profile=profile)
+    run = lora_sft(
+        base,
+        tokenizer,
+        records,
+        lora_rank=recipe["lora_rank"],
+        lora_alpha=recipe["lora_alpha"],
+        targets=recipe["targets"],
+        learning_rate=recipe["learning_rate"],
+        steps=recipe["steps"],
+        batch_size=recipe["batch_size"],
+        max_length=recipe["max_length"],
+        seed=seed,
+        profile=profile,
+        progress=progress,
+        copy_model=False,  # `base` was loaded for this run alone
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        config = SFTConfig(
-            output_dir=scratch,
-            max_steps=steps or profile.sft_steps,
-            per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=5,
-            logging_steps=5,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            assistant_only_loss=True,  # needs {% generation %} markers in the chat template
-            max_length=256,
-            use_cpu=profile.device == "cpu",
-            bf16=profile.dtype == "bfloat16",
-            disable_tqdm=not progress,
-        )
-        bars_were_on = datasets.is_progress_bar_enabled()
-        if not progress:
-            datasets.disable_progress_bars()  # TRL tokenizes the dataset with datasets.map
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
-        if not progress:
-            trainer.remove_callback(PrinterCallback)  # without a bar, Trainer prints every log as a dict
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    trainer.model.eval()
-    return TrainingRun(trainer.model, losses, seconds, trainable, total)
+    run.recipe = {**run.recipe, **recipe, "examples": len(records)}
+    _save_quick_run(run, folder)
+    return run
+
+
+def _save_quick_run(run: TrainingRun, folder: Path) -> None:
+    """Write the adapter and run.json into a temporary sibling folder, then rename it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        run.model.save_pretrained(str(partial), safe_serialization=True)
+        summary = {
+            "losses": run.losses,
+            "seconds": run.seconds,
+            "trainable_parameters": run.trainable_parameters,
+            "total_parameters": run.total_parameters,
+            "recipe": run.recipe,
+        }
+        (partial / "run.json").write_text(json.dumps(summary, indent=1))
+        try:
+            os.rename(partial, folder)  # atomic; fails if another process cached the same run first
+        except OSError:
+            if not (folder / "run.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

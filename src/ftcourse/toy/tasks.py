@@ -57,6 +57,7 @@ class Task:
     answer: str
     raw_prompt: str  # the pretraining form, up to where the answer starts (a new line)
     distractors: tuple[str, ...] = field(default=(), compare=False)  # plausible wrong answers
+    item: str = ""  # what the task is about, order-free: it decides the split (see `item_of`)
 
     @property
     def prompt(self) -> str:
@@ -85,29 +86,49 @@ def _place(template: str, subject: str) -> tuple[str, str]:
     return (template.format(subject=subject), "") if "{subject}" in template else (template, subject)
 
 
+def item_of(family: str, subject: str) -> str:
+    """The order-free item of a task: a `max` or `count` list sorted, an `add` pair smaller first.
+
+    The answer of all three does not depend on the order (26 + 6 is 6 + 26; the largest of a list or its
+    length is the same in any order), so two tasks that differ only in order are twins: they must land
+    in the same split, or a test question is answered in training. A country is its own item.
+    """
+    if family == "add":
+        a, b = sorted(int(x) for x in subject.split("+"))
+        return f"{a}+{b}"
+    if family == "max":
+        return " ".join(str(n) for n in sorted(int(x) for x in subject.split()))
+    if family == "count":
+        return " ".join(sorted(subject.split()))
+    return subject
+
+
 def _max_task(rng: random.Random, template: str) -> Task:
     numbers = rng.sample(range(NUMBER_MAX + 1), rng.randint(3, 5))
     ranked = sorted(numbers)
     wrong = (str(ranked[0]), str(ranked[-2]))  # the smallest, and the runner-up
     subject = max_subject(numbers)
-    return Task("max", *_place(template, subject), str(ranked[-1]), raw_text("max", subject), wrong)
+    raw = raw_text("max", subject)
+    return Task("max", *_place(template, subject), str(ranked[-1]), raw, wrong, item_of("max", subject))
 
 
 def _count_task(rng: random.Random, template: str) -> Task:
     words = rng.sample(TASK_WORDS, rng.randint(2, 7))
     subject, n = " ".join(words), len(words)
-    return Task("count", template, subject, str(n), raw_text("count", subject), (str(n + 1), str(n - 1)))
+    raw = raw_text("count", subject)
+    return Task("count", template, subject, str(n), raw, (str(n + 1), str(n - 1)), item_of("count", subject))
 
 
 def _add_task(a: int, b: int, template: str) -> Task:
     total = a + b
     raw = raw_text("add", f"{a} + {b}")
-    return Task("add", template.format(a=a, b=b), "", str(total), raw, (str(total + 1), str(total - 1)))
+    wrong = (str(total + 1), str(total - 1))
+    return Task("add", template.format(a=a, b=b), "", str(total), raw, wrong, item_of("add", f"{a}+{b}"))
 
 
 def _capital_task(country: str, capital: str, template: str, others: list[str]) -> Task:
     raw = raw_text("capital", country)
-    return Task("capital", template.format(country=country), "", capital, raw, tuple(others))
+    return Task("capital", template.format(country=country), "", capital, raw, tuple(others), country)
 
 
 def split_of(key: str) -> str:
@@ -116,29 +137,29 @@ def split_of(key: str) -> str:
     return "train" if bucket < 6 else ("validation" if bucket < 8 else "test")
 
 
-def _draw(rng: random.Random, family: str, world: list[tuple[str, str]]) -> tuple[str, Task]:
-    """One random task of `family` and the key that decides its split."""
+def _draw(rng: random.Random, family: str, world: list[tuple[str, str]]) -> Task:
+    """One random task of `family`; its `item` decides its split."""
     template = rng.choice(CHAT_TEMPLATES[family])
     if family == "max":
-        task = _max_task(rng, template)
-        return task.raw_prompt, task
+        return _max_task(rng, template)
     if family == "count":
-        task = _count_task(rng, template)
-        return task.raw_prompt, task
+        return _count_task(rng, template)
     if family == "add":
         a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
-        return f"{a}+{b}", _add_task(a, b, template)
+        return _add_task(a, b, template)
     country, capital = rng.choice(world)
     others = rng.sample([c for _, c in world if c != capital], 2)
-    return country, _capital_task(country, capital, template, others)
+    return _capital_task(country, capital, template, others)
 
 
 def build_tasks(split: str, per_family: int, seed: int = WORLD_SEED) -> list[Task]:
     """Up to `per_family` distinct tasks of every family for one split; identical for identical arguments.
 
-    Every item (a word list, an operand pair, a country) belongs to exactly one split, so a test
-    question is never answered in the training split. The model may still know the answer from
-    pretraining, which is the point. A family whose split has fewer distinct prompts returns them all.
+    Every item (a word list, an operand pair, a country, each taken without its order: see `item_of`)
+    belongs to exactly one split, so a test question is never answered in the training split, not even
+    with its operands swapped. The model may still know the answer from pretraining, which is the point.
+    One item can appear in several tasks of a split (another phrasing, another order): evaluation
+    treats such tasks as a cluster. A family whose split has fewer distinct prompts returns them all.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -150,8 +171,8 @@ def build_tasks(split: str, per_family: int, seed: int = WORLD_SEED) -> list[Tas
         rng = random.Random(f"{seed}-{split}-{family}")
         seen: set[str] = set()
         for _ in range(per_family * 50):
-            key, task = _draw(rng, family, world)
-            if split_of(key) == split and task.prompt not in seen:
+            task = _draw(rng, family, world)
+            if split_of(task.item) == split and task.prompt not in seen:
                 seen.add(task.prompt)
                 tasks.append(task)
                 if len(seen) == per_family:

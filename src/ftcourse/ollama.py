@@ -10,8 +10,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ftcourse.export import atomic_output
+from ftcourse.atomic import atomic_output
 
 DEFAULT_OLLAMA_HOST = "127.0.0.1:11434"
 
@@ -39,6 +40,42 @@ class OllamaUnavailable(RuntimeError):
     """No Ollama server answered; the message says where we looked and what to do."""
 
 
+class ModelfileError(ValueError):
+    """A value that Ollama's Modelfile parser could not read back as written."""
+
+
+def _unreadable(value: str) -> str | None:
+    """Why Ollama's parser would not read value back unchanged, or None when it would."""
+    # Ollama's parser (parser/parser.go) has no escapes: a quoted value ends at the first closing quote
+    # that is followed by a line end, and it silently drops characters strconv.IsPrint rejects.
+    if '"""' in value:
+        return 'it contains """, which ends a Modelfile string and cannot be escaped'
+    if bad := sorted({c for c in value if not c.isprintable() and c not in "\n\r\t"}):
+        return f"it contains control characters {bad!r}, which the parser drops"
+    return None
+
+
+def modelfile_string(value: str, what: str) -> str:
+    """value as a Modelfile triple-quoted string; raises ModelfileError if Ollama could not read it back."""
+    if why := _unreadable(value):
+        raise ModelfileError(
+            f"Cannot write {what} into a Modelfile: {why}. Change the text, or register the model with "
+            f"register_with_ollama, which sends it through the API without a Modelfile."
+        )
+    return f'"""{value}"""'
+
+
+def modelfile_path(gguf_file: str | os.PathLike) -> str:
+    """The FROM argument for a GGUF file next to the Modelfile: ./name, quoted when it has spaces."""
+    name = Path(gguf_file).name
+    if '"' in name or "\n" in name or "\r" in name or _unreadable(name) or name != name.strip():
+        raise ModelfileError(
+            f"Cannot name {name!r} in a Modelfile's FROM line: quotes, line breaks, control characters and "
+            f"leading or trailing spaces do not survive Ollama's parser. Rename the GGUF file."
+        )
+    return f'"./{name}"' if any(c in name for c in " \t") else f"./{name}"
+
+
 def modelfile_text(
     gguf_file: str | os.PathLike,
     template: str = CHATML_OLLAMA_TEMPLATE,
@@ -52,12 +89,17 @@ def modelfile_text(
     # FROM ./file is resolved relative to the Modelfile, so the folder can be moved as a whole.
     lines = [
         "# ollama create NAME -f Modelfile",
-        f"FROM ./{Path(gguf_file).name}",
-        f'TEMPLATE """{template}"""',
+        f"FROM {modelfile_path(gguf_file)}",
+        f"TEMPLATE {modelfile_string(template, 'the TEMPLATE')}",
     ]
     if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += [f'PARAMETER stop "{token}"' for token in stop]
+        lines.append(f"SYSTEM {modelfile_string(system, 'the SYSTEM prompt')}")
+    # A plain token in plain quotes, as Ollama writes them; anything else in checked triple quotes.
+    lines += [
+        f'PARAMETER stop "{token}"' if token.isprintable() and '"' not in token and token.strip() == token
+        else f"PARAMETER stop {modelfile_string(token, 'a stop token')}"
+        for token in stop
+    ]  # fmt: skip
     # temperature 0 and no repeat penalty = greedy decoding, the tokens transformers' greedy generate picks.
     lines.append(f"PARAMETER temperature {temperature:g}")
     lines.append(f"PARAMETER repeat_penalty {repeat_penalty:g}")
@@ -66,10 +108,11 @@ def modelfile_text(
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(path: str | os.PathLike, gguf_file: str | os.PathLike, **options) -> Path:
-    """Write modelfile_text(gguf_file, **options) to path, next to the GGUF file it names."""
+def write_modelfile(path: str | os.PathLike, gguf_file: str | os.PathLike, **options: Any) -> Path:
+    """Write modelfile_text(gguf_file, **options) to path, next to the GGUF file it names; the path."""
+    text = modelfile_text(gguf_file, **options)  # refuses what Ollama could not read, before writing
     with atomic_output(path) as tmp:
-        tmp.write_text(modelfile_text(gguf_file, **options))
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -90,7 +133,7 @@ def _host(host: str | None) -> str:
     return host or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA_HOST
 
 
-def _client(host: str | None, timeout: float | None = None):
+def _client(host: str | None, timeout: float | None = None) -> Any:
     import ollama
 
     return ollama.Client(host=_host(host), timeout=timeout)

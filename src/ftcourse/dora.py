@@ -1,0 +1,85 @@
+"""DoRA from scratch: a weight split into a magnitude per output row and a unit direction.
+
+    W = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖     (norm of each output row, m initialised to ‖W0‖)
+
+The direction is a LoRA-adapted matrix normalised row by row; the magnitude `m` is one trainable number
+per output feature. As in the paper (§4.3) and in peft, the norm is treated as a constant in the
+backward pass: it is computed with the LoRA weight detached and is itself detached, which saves memory
+and changes the gradients only slightly. `magnitude_direction_change` is the paper's ΔM/ΔD analysis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ftcourse.lora import LoRALinear, adapter_layers, check_rank, inject_adapters
+
+
+class DoRALinear(LoRALinear):
+    """y = (m / ‖W0 + s·B·A‖) ⊙ (W0·x + s·B·A·x) + bias; the norm per output row, not differentiated."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, use_rslora: bool = False) -> None:
+        super().__init__(base, rank, alpha, use_rslora)
+        # B = 0 at the start, so m = ‖W0‖ row by row and W = W0 exactly.
+        self.m = nn.Parameter(self.weight_norm().detach().clone())
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖ for each output row (shape (out,)), with the LoRA weight detached as peft does."""
+        W = self.W0.to(self.A.dtype) + self.delta_weight().detach()  # (out, in)
+        return torch.linalg.vector_norm(W, dim=1)  # one norm per output row
+
+    def merged_weight(self) -> torch.Tensor:
+        """m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ in the base layer's dtype: the weight of the equivalent linear layer."""
+        W = self.W0.to(self.A.dtype) + self.delta_weight()
+        return ((self.m / torch.linalg.vector_norm(W, dim=1))[:, None] * W).to(self.W0.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale W0·x + s·B·A·x by m/‖W0 + s·B·A‖ per output feature, then add the bias."""
+        x = x.to(self.A.dtype)
+        scale = self.m / self.weight_norm().detach()  # (out,): gradient flows into m, not through the norm
+        direction = F.linear(x, self.W0.to(x.dtype)) + self.scaling * (
+            (x @ self.A.T) @ self.B.T
+        )  # (..., out)
+        result = scale * direction
+        if self.base.bias is not None:
+            result = result + self.base.bias
+        return result.to(self.W0.dtype)
+
+    def extra_repr(self) -> str:
+        """Shown by print(model)."""
+        return "DoRA " + super().extra_repr().split(" ", 1)[1]
+
+
+def inject_dora(
+    model: nn.Module, targets: str | Iterable[str], rank: int, alpha: float, use_rslora: bool = False
+) -> list[str]:
+    """Replace the targeted linear layers of `model` in place with DoRALinear; returns the names replaced."""
+    check_rank(rank, alpha)
+    return inject_adapters(model, targets, lambda layer: DoRALinear(layer, rank, alpha, use_rslora))
+
+
+def magnitude_direction_change(W0: torch.Tensor, W: torch.Tensor) -> tuple[float, float]:
+    """(ΔM, ΔD) of a weight W against W0: mean |change of row norm|, and mean (1 - cosine) of the rows."""
+    if W0.shape != W.shape or W0.ndim != 2:
+        raise ValueError(f"need two weight matrices of one shape, got {tuple(W0.shape)} and {tuple(W.shape)}")
+    W0, W = W0.double(), W.double()
+    # The paper writes weights as (in × out) and takes column norms; our (out × in) rows are its columns.
+    delta_m = (torch.linalg.vector_norm(W, dim=1) - torch.linalg.vector_norm(W0, dim=1)).abs().mean()
+    delta_d = (1 - F.cosine_similarity(W, W0, dim=1)).mean()
+    return float(delta_m), float(delta_d)
+
+
+def decomposition_changes(
+    model: nn.Module, start_weights: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, tuple[float, float]]:
+    """(ΔM, ΔD) of every adapted layer's merged weight against its W0 (or `start_weights[name]`)."""
+    changes = {}
+    with torch.no_grad():
+        for name, layer in adapter_layers(model).items():
+            reference = layer.W0 if start_weights is None else start_weights[name]
+            changes[name] = magnitude_direction_change(reference, layer.merged_weight())
+    return changes

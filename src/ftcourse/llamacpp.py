@@ -1,0 +1,371 @@
+"""llama.cpp through llama-cpp-python: quantize a GGUF file, run it, and compare it with transformers.
+
+    quantize_gguf (Q4_K_M, ...) -> compare_with_llama_cpp -> check_comparison -> exact_match_with_llama_cpp
+
+Quantization runs llama.cpp's own quantizer in a child process: Ctrl-C stops it at once (inside a
+ctypes callback Python would swallow the KeyboardInterrupt and carry on), no partial file is left, and
+llama.cpp's log becomes part of the error message when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from ftcourse.atomic import atomic_output
+from ftcourse.gguf import PYTHON_GGUF_TYPES, ExportError
+
+LLAMA_CPP_INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python==0.3.36'
+SMALL_MODEL_BYTES = 256 * 2**20  # below this, llama.cpp runs on one thread (see open_llama)
+# llama.cpp types quantize_gguf accepts. The IQ types and Q2_K_S need an importance matrix (llama.cpp's
+# llama-imatrix, run over calibration text), which this pipeline does not compute.
+LLAMA_CPP_TYPES = (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
+    "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "BF16",
+)  # fmt: skip
+# The child process: SIGINT back to its default, so Ctrl-C ends it at once instead of raising a
+# KeyboardInterrupt inside llama.cpp's log callback, where ctypes would print and ignore it.
+_QUANTIZE_CHILD = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What `ftcourse export --check` requires of a file: a logit bound and an argmax agreement floor."""
+
+    max_abs_logit_diff: float | None  # None: no bound (4-bit files move logits by whole units)
+    min_argmax_agreement: float
+
+    def describe(self) -> str:
+        """The tolerance in words, for help texts and reports."""
+        bound = f"max |dlogit| < {self.max_abs_logit_diff:g}, " if self.max_abs_logit_diff else ""
+        return f"{bound}argmax agreement >= {self.min_argmax_agreement:.0%}"
+
+
+# Measured on the embedded model while writing them (see tests/test_llamacpp.py): f16 moves logits by
+# 0.005-0.015, q8_0 by ~0.3 with 96-100% argmax agreement, Q4_K_M agrees at ~90% of positions.
+CHECK_TOLERANCES = {
+    "f32": Tolerance(0.05, 0.98),
+    "f16": Tolerance(0.05, 0.98),
+    "BF16": Tolerance(0.5, 0.95),
+    "q8_0": Tolerance(1.0, 0.90),
+    "Q8_0": Tolerance(1.0, 0.90),
+    "Q6_K": Tolerance(None, 0.80),
+    "Q5": Tolerance(None, 0.75),  # every Q5_* type
+    "Q4": Tolerance(None, 0.70),
+    "Q3": Tolerance(None, 0.50),
+    "Q2": Tolerance(None, 0.40),
+}
+
+
+def check_tolerance(quant: str) -> Tolerance:
+    """The --check tolerance for a GGUF type: its own entry, else that of its bit width (Q4_K_M -> Q4)."""
+    return CHECK_TOLERANCES.get(quant) or CHECK_TOLERANCES[quant[:2]]
+
+
+def check_quant_type(quant: str) -> str:
+    """The canonical name of a GGUF type (f16, q8_0, Q4_K_M); raises ExportError for one we cannot write."""
+    if not isinstance(quant, str) or not quant.strip():
+        raise ExportError(f"A GGUF type must be a name such as f16, q8_0 or Q4_K_M, got {quant!r}.")
+    if quant.lower() in PYTHON_GGUF_TYPES:
+        return quant.lower()
+    if quant.upper() in LLAMA_CPP_TYPES:
+        return quant.upper()
+    why = (
+        " IQ types need an importance matrix (llama.cpp's llama-imatrix), which this export does not compute."
+        if quant.upper().startswith("IQ") or quant.upper() == "Q2_K_S"
+        else ""
+    )
+    raise ExportError(
+        f"Unknown GGUF type {quant!r}.{why} Choose from {', '.join(PYTHON_GGUF_TYPES)} (our writer) or "
+        f"{', '.join(LLAMA_CPP_TYPES)} (llama.cpp's quantizer)."
+    )
+
+
+def llama_cpp_available() -> bool:
+    """True when llama-cpp-python can be imported."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_llama_cpp():
+    """The llama_cpp module, or an ExportError that says how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ExportError(
+            f"llama-cpp-python is not installed. It builds from source (4-10 min on 2 cores):\n"
+            f"    {LLAMA_CPP_INSTALL}"
+        ) from error
+    return llama_cpp
+
+
+def open_llama(gguf_path: str | os.PathLike, **options: Any) -> Any:
+    """A llama_cpp.Llama for the file, quiet, and on one thread when the model is small."""
+    llama_cpp = _import_llama_cpp()
+    gguf_path = Path(gguf_path).expanduser()
+    if not gguf_path.is_file():
+        raise ExportError(f"No GGUF file at {gguf_path}.")
+    if gguf_path.stat().st_size < SMALL_MODEL_BYTES:
+        # A few MiB of weights take well under a millisecond per token; a second thread costs more in
+        # wake-ups and barriers than it saves, and on a busy CPU its spin-waits make a step 100x slower.
+        options = {"n_threads": 1, "n_threads_batch": 1, **options}
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), verbose=False, **options)
+    except ValueError as error:  # "Failed to load model from file"
+        raise ExportError(f"llama.cpp cannot load {gguf_path} ({error}).") from error
+
+
+def quantize_gguf(
+    f16_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    quant: str = "Q4_K_M",
+    verbose: bool = False,
+    *,
+    on_wait: Callable[[], None] | None = None,
+) -> Path:
+    """Quantize a f16/f32 GGUF with llama.cpp's own quantizer (K-quants such as Q4_K_M); the new path."""
+    quant = check_quant_type(quant)
+    if quant in PYTHON_GGUF_TYPES:
+        raise ExportError(f"{quant} is written by gguf.write_gguf, not by llama.cpp's quantizer.")
+    llama_cpp = _import_llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}", None)
+    if ftype is None:
+        raise ExportError(f"This llama-cpp-python has no quantization type {quant}: {LLAMA_CPP_INSTALL}")
+    f16_path = Path(f16_path).expanduser()
+    if not f16_path.is_file():
+        raise ExportError(f"No GGUF file at {f16_path}: write one first with write_gguf(..., dtype='f16').")
+    try:
+        tensors = gguf.GGUFReader(f16_path).tensors
+    except (ValueError, OSError) as error:
+        raise ExportError(f"{f16_path} is not a readable GGUF file ({error}); write it again.") from error
+    if "_K" in quant:
+        # K-quants pack 256 values per block; narrower rows make llama.cpp fall back to older types.
+        narrow = [t.name for t in tensors if len(t.shape) == 2 and t.shape[0] % 256]
+        if narrow:
+            print(f"Rows of {narrow} are not a multiple of 256: llama.cpp will not use {quant} for them.",
+                  file=sys.stderr)  # fmt: skip
+    with atomic_output(out_path) as tmp, tempfile.TemporaryFile() as log:
+        command = [sys.executable, "-c", _QUANTIZE_CHILD, str(f16_path), str(tmp), str(ftype)]
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    status = child.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_wait is not None:
+                        on_wait()  # e.g. refresh a progress bar; a KeyboardInterrupt here stops the run
+        except BaseException:  # Ctrl-C or an error in on_wait: stop llama.cpp; atomic_output cleans up
+            child.kill()
+            child.wait()
+            raise
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+        if verbose:
+            print(text, file=sys.stderr)
+        if status != 0:
+            tail = "\n".join(text.strip().splitlines()[-8:])
+            raise ExportError(
+                f"llama.cpp could not quantize {f16_path} to {quant} (exit status {status}). "
+                f"Its log ends:\n{tail}"
+            )
+    return Path(out_path).expanduser()
+
+
+# --- Checking a GGUF file against transformers ---------------------------------------------------
+
+
+@dataclass
+class PromptComparison:
+    """transformers vs llama.cpp on one prompt: logits on the prompt, then greedy continuations."""
+
+    prompt_ids: list[int]
+    max_abs_logit_diff: float
+    argmax_agreement: float
+    hf_tokens: list[int]
+    gguf_tokens: list[int]
+    first_divergence: int | None  # index into the generated tokens; None when all are equal
+    gap_at_divergence: float | None  # transformers' top-1 minus top-2 logit there: small = a near tie
+
+
+@dataclass
+class GGUFComparison:
+    """One GGUF file compared with the transformers model on several prompts."""
+
+    gguf_path: Path
+    prompts: list[PromptComparison] = field(default_factory=list)
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        """Largest |logit difference| over all prompts."""
+        return max(p.max_abs_logit_diff for p in self.prompts)
+
+    @property
+    def argmax_agreement(self) -> float:
+        """Fraction of all prompt positions where both pick the same next token."""
+        n = sum(len(p.prompt_ids) for p in self.prompts)
+        return sum(p.argmax_agreement * len(p.prompt_ids) for p in self.prompts) / n
+
+    @property
+    def greedy_equal(self) -> bool:
+        """True when every prompt's greedy continuation is the same token for token."""
+        return all(p.first_divergence is None for p in self.prompts)
+
+    def greedy_equal_except_ties(self, tie_gap: float) -> bool:
+        """Greedy tokens equal, or first different where transformers' top two logits were < tie_gap apart."""
+        # If every logit is within eps of the other side, the argmax can only flip where the top two
+        # logits are within 2 * eps: such a divergence is rounding, not a conversion error.
+        return all(p.first_divergence is None or p.gap_at_divergence < tie_gap for p in self.prompts)
+
+    def summary(self) -> str:
+        """One line: max |dlogit|, argmax agreement and greedy agreement."""
+        diverged = [p.first_divergence for p in self.prompts if p.first_divergence is not None]
+        return (
+            f"{self.gguf_path.name}: max |dlogit| {self.max_abs_logit_diff:.3g}, "
+            f"argmax agreement {self.argmax_agreement:.1%}, greedy equal on "
+            f"{len(self.prompts) - len(diverged)}/{len(self.prompts)} prompts"
+            + (f" (first divergence at token {min(diverged)})" if diverged else "")
+        )
+
+
+@torch.no_grad()
+def _hf_logits_and_greedy(
+    model: torch.nn.Module, ids: list[int], max_new_tokens: int
+) -> tuple[np.ndarray, list[int], list[float]]:
+    """Prompt logits (T, V), greedy tokens, and the top-1/top-2 gap at each greedy step."""
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    prompt_logits = out.logits[0].float().numpy()
+    tokens, gaps = [], []
+    for _ in range(max_new_tokens):  # no stop on EOS: both sides must produce the same number of tokens
+        top2 = out.logits[0, -1].float().topk(2)
+        tokens.append(int(top2.indices[0]))
+        gaps.append(float(top2.values[0] - top2.values[1]))
+        out = model(
+            input_ids=top2.indices[:1].view(1, 1), past_key_values=out.past_key_values, use_cache=True
+        )
+    return prompt_logits, tokens, gaps
+
+
+def _llama_cpp_logits_and_greedy(
+    llm: object, ids: list[int], max_new_tokens: int
+) -> tuple[np.ndarray, list[int]]:
+    """The same as _hf_logits_and_greedy, computed by llama.cpp."""
+    llm.reset()
+    llm.eval(ids)  # exactly these ids: llama.cpp adds no BOS on this path
+    prompt_logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    tokens = []
+    for _ in range(max_new_tokens):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    return prompt_logits, tokens
+
+
+def compare_with_llama_cpp(
+    model: torch.nn.Module,
+    tokenizer: object,
+    gguf_path: str | os.PathLike,
+    prompts: Sequence[str | Sequence[int]],
+    max_new_tokens: int = 16,
+) -> GGUFComparison:
+    """Feed the same token ids to transformers and to llama.cpp and compare logits and greedy tokens."""
+    # Special tokens written in a prompt (<|im_start|>) become their ids; nothing else is added.
+    all_ids = [
+        list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    n_ctx = max(len(ids) for ids in all_ids) + max_new_tokens + 1
+    model.eval()
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=n_ctx)
+    report = GGUFComparison(Path(gguf_path))
+    try:
+        for ids in all_ids:
+            hf_logits, hf_tokens, gaps = _hf_logits_and_greedy(model, ids, max_new_tokens)
+            cpp_logits, cpp_tokens = _llama_cpp_logits_and_greedy(llm, ids, max_new_tokens)
+            if cpp_logits.shape != hf_logits.shape:
+                raise ExportError(
+                    f"{gguf_path} gives logits of shape {cpp_logits.shape}, transformers {hf_logits.shape}."
+                )
+            pairs = enumerate(zip(hf_tokens, cpp_tokens, strict=True))
+            divergence = next((i for i, (a, b) in pairs if a != b), None)
+            report.prompts.append(
+                PromptComparison(
+                    prompt_ids=ids,
+                    max_abs_logit_diff=float(np.abs(hf_logits - cpp_logits).max()),
+                    argmax_agreement=float((hf_logits.argmax(-1) == cpp_logits.argmax(-1)).mean()),
+                    hf_tokens=hf_tokens,
+                    gguf_tokens=cpp_tokens,
+                    first_divergence=divergence,
+                    gap_at_divergence=None if divergence is None else gaps[divergence],
+                )
+            )
+    finally:
+        llm.close()
+    return report
+
+
+def generate_with_llama_cpp(
+    gguf_path: str | os.PathLike,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    *,
+    prefix_ids: Sequence[int] = (),
+    n_ctx: int = 512,
+) -> list[str]:
+    """Greedy replies from llama.cpp alone: its tokenizer, its model, its sampler, as a server runs them."""
+    llm = open_llama(gguf_path, n_ctx=n_ctx)
+    replies = []
+    try:
+        for prompt in prompts:
+            # A string prompt gets a BOS only if the file says add_bos_token=true (ours says false).
+            # prefix_ids puts tokens in front anyway: what a runtime that adds a BOS token would send.
+            ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            request = [*prefix_ids, *ids] if prefix_ids else prompt
+            llm.reset()  # no reuse of the previous prompt's cache: every prompt starts clean
+            # temperature 0 selects llama.cpp's greedy sampler; generation stops at the file's EOS token.
+            completion = llm.create_completion(request, max_tokens=max_new_tokens, temperature=0.0)
+            replies.append(completion["choices"][0]["text"])
+    finally:
+        llm.close()
+    return replies
+
+
+def exact_match_with_llama_cpp(
+    gguf_path: str | os.PathLike, tokenizer: object, tasks: Sequence, **options: object
+) -> object:
+    """evaluate.exact_match's report, with the replies generated by llama.cpp from the GGUF file."""
+    from ftcourse.evaluate import chat_prompt, score_replies
+
+    prompts = [chat_prompt(tokenizer, task) for task in tasks]
+    return score_replies(generate_with_llama_cpp(gguf_path, prompts, **options), tasks)
+
+
+def check_comparison(report: GGUFComparison, tolerance: Tolerance) -> list[str]:
+    """The ways report misses tolerance, in words; an empty list when the file passes."""
+    failures = []
+    if tolerance.max_abs_logit_diff is not None and report.max_abs_logit_diff >= tolerance.max_abs_logit_diff:
+        failures.append(f"max |dlogit| {report.max_abs_logit_diff:.3g} >= {tolerance.max_abs_logit_diff:g}")
+    if report.argmax_agreement < tolerance.min_argmax_agreement:
+        failures.append(
+            f"argmax agreement {report.argmax_agreement:.1%} < {tolerance.min_argmax_agreement:.0%}"
+        )
+    return failures

@@ -1,0 +1,93 @@
+"""ftcourse.dora against peft's use_dora=True on the same inputs, and against cases worked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapter_fixtures import ATOL, grads_by_layer, peft_and_ours, tiny_llama
+from torch import nn
+
+from ftcourse import dora, lora
+
+
+@pytest.fixture(scope="module")
+def base() -> nn.Module:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+def test_outputs_and_grads_equal_peft_dora(base, input_ids):
+    theirs, ours = peft_and_ours(base, use_dora=True)
+    logits_theirs = theirs(input_ids=input_ids).logits
+    logits_ours = ours(input_ids=input_ids).logits
+    torch.testing.assert_close(logits_ours, logits_theirs, atol=ATOL, rtol=0)
+    logits_theirs.square().mean().backward()
+    logits_ours.square().mean().backward()
+    g_theirs, g_ours = grads_by_layer(theirs), grads_by_layer(ours)
+    assert set(g_ours) == set(g_theirs) and len(g_ours) == 6
+    for layer, grads in g_ours.items():
+        assert set(grads) == {"A", "B", "m"}
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad, g_theirs[layer][key], atol=ATOL, rtol=1e-4)
+
+
+def test_norm_is_per_output_row_worked_by_hand():
+    base = nn.Linear(2, 2, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(
+            torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+        )  # row norms 5 and 2; column norms 3 and 4.47
+        base.bias.copy_(torch.tensor([1.0, -1.0]))
+    layer = dora.DoRALinear(base, rank=1, alpha=1)
+    torch.testing.assert_close(layer.m.detach(), torch.tensor([5.0, 2.0]))
+    x = torch.tensor([[1.0, 1.0]])
+    torch.testing.assert_close(layer(x), base(x))  # m = ‖W0‖ and B = 0: the layer is W0 itself
+    with torch.no_grad():
+        layer.m.copy_(torch.tensor([10.0, 2.0]))  # double the first row's magnitude, keep its direction
+    torch.testing.assert_close(layer(x), torch.tensor([[2 * 7.0 + 1.0, 2.0 - 1.0]]))
+
+
+def test_norm_is_not_differentiated():
+    layer = dora.DoRALinear(nn.Linear(3, 2, bias=False), rank=1, alpha=1)
+    with torch.no_grad():
+        layer.B.fill_(0.5)
+    layer(torch.ones(1, 3)).sum().backward()
+    # With the norm treated as a constant, dy/dB = (m/‖V‖)·s·(A·x); a differentiated norm would subtract
+    # the component of that gradient along V.
+    scale = (layer.m / layer.weight_norm()).detach()
+    expected_B = (scale * layer.scaling)[:, None] * (layer.A.detach() @ torch.ones(3, 1)).T
+    torch.testing.assert_close(layer.B.grad, expected_B)
+
+
+def test_merged_equals_unmerged_dora(base, input_ids):
+    _, ours = peft_and_ours(base, use_dora=True)
+    with torch.no_grad():
+        before = ours(input_ids=input_ids).logits
+        lora.merge_lora(ours)
+        after = ours(input_ids=input_ids).logits
+    assert not lora.adapter_layers(ours)
+    torch.testing.assert_close(after, before, atol=ATOL, rtol=0)
+
+
+def test_magnitude_and_direction_change_by_hand():
+    W0 = torch.eye(2)
+    assert dora.magnitude_direction_change(W0, torch.tensor([[2.0, 0.0], [0.0, 1.0]])) == pytest.approx(
+        (0.5, 0.0)
+    )
+    # the first row turns by 90 degrees at equal length: cosine 0, so ΔD = (1 + 0) / 2
+    assert dora.magnitude_direction_change(W0, torch.tensor([[0.0, 1.0], [0.0, 1.0]])) == pytest.approx(
+        (0.0, 0.5)
+    )
+    with pytest.raises(ValueError, match="of one shape"):
+        dora.magnitude_direction_change(W0, torch.eye(3))
+
+
+def test_bad_input_is_explained(base):
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        dora.inject_dora(tiny_llama(), ["q_proj"], 0, 8)
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        dora.inject_dora(tiny_llama(), ["self_attn"], 2, 4)

@@ -1,0 +1,178 @@
+"""Tests for ftcourse.llamacpp: quantizing with llama.cpp, agreement with transformers, serving, and
+stopping cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import subprocess
+
+import gguf
+import pytest
+from export_fixtures import *  # noqa: F403
+from export_fixtures import F16_MAX_LOGIT_DIFF, Q8_0_MIN_ARGMAX_AGREEMENT
+
+from ftcourse import gguf as ftgguf
+from ftcourse import llamacpp
+
+
+def _compare(export_hf, export_prompts, path) -> llamacpp.GGUFComparison:
+    model, tokenizer = export_hf
+    report = llamacpp.compare_with_llama_cpp(model, tokenizer, path, export_prompts, max_new_tokens=16)
+    print(f"{report.summary()}; {path.stat().st_size} bytes")  # visible with pytest -s
+    return report
+
+
+def test_llama_cpp_is_installed():
+    assert llamacpp.llama_cpp_available(), f"llama-cpp-python is a test dependency: {llamacpp.LLAMA_CPP_INSTALL}"
+
+
+def test_f16_gguf_gives_transformers_logits_and_greedy_tokens(export_hf, export_prompts, export_gguf_files):
+    report = _compare(export_hf, export_prompts, export_gguf_files["f16"])
+
+    assert report.max_abs_logit_diff < F16_MAX_LOGIT_DIFF
+    assert report.argmax_agreement >= 0.98  # measured 1.0; only a near tie could flip
+    # a near tie (top two logits closer than the tolerance allows) may flip; anything else may not
+    divergences = [(p.first_divergence, p.gap_at_divergence) for p in report.prompts]
+    assert report.greedy_equal_except_ties(tie_gap=2 * F16_MAX_LOGIT_DIFF), divergences
+    assert llamacpp.check_comparison(report, llamacpp.check_tolerance("f16")) == []
+
+
+def test_without_qk_permutation_llama_cpp_logits_differ(export_model_dir, export_hf, export_prompts, tmp_path):
+    broken = ftgguf.write_gguf(export_model_dir, tmp_path / "no-permute.gguf", "f16", permute=False)
+    report = _compare(export_hf, export_prompts, broken)
+
+    assert report.max_abs_logit_diff > 20 * F16_MAX_LOGIT_DIFF  # measured ~5 on the fixture model
+    assert report.argmax_agreement < 1.0
+    failures = llamacpp.check_comparison(report, llamacpp.check_tolerance("f16"))  # --check catches it
+    assert failures and "max |dlogit|" in failures[0]
+
+
+def test_q8_0_gguf_agrees_on_the_argmax(export_hf, export_prompts, export_gguf_files):
+    report = _compare(export_hf, export_prompts, export_gguf_files["q8_0"])
+
+    assert report.argmax_agreement >= Q8_0_MIN_ARGMAX_AGREEMENT
+    assert report.max_abs_logit_diff < 1.0  # measured ~0.3
+    assert export_gguf_files["q8_0"].stat().st_size < 0.6 * export_gguf_files["f16"].stat().st_size
+
+
+def test_q4_k_m_uses_k_quants_and_stays_close(export_hf, export_prompts, export_gguf_files):
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(export_gguf_files["Q4_K_M"]).tensors}
+    report = _compare(export_hf, export_prompts, export_gguf_files["Q4_K_M"])
+
+    assert "Q4_K" in types.values(), types  # rows of 256 and 768 allow K-quants, no fallback
+    assert export_gguf_files["Q4_K_M"].stat().st_size < export_gguf_files["q8_0"].stat().st_size
+    assert report.argmax_agreement >= 0.7  # measured ~0.9; greedy output may diverge at 4 bits
+
+
+def test_check_comparison_names_each_missed_tolerance():
+    prompt = llamacpp.PromptComparison([1, 2], 0.2, 0.5, [3], [3], None, None)  # worked by hand
+    report = llamacpp.GGUFComparison(gguf_path=__import__("pathlib").Path("x.gguf"), prompts=[prompt])
+
+    assert llamacpp.check_comparison(report, llamacpp.Tolerance(0.1, 0.9)) == [
+        "max |dlogit| 0.2 >= 0.1",
+        "argmax agreement 50.0% < 90%",
+    ]
+    assert llamacpp.check_comparison(report, llamacpp.Tolerance(None, 0.5)) == []
+    assert llamacpp.check_tolerance("Q4_K_M") == llamacpp.CHECK_TOLERANCES["Q4"]
+
+
+# --- Options are checked before any work ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("quant", "match"),
+    [("Q4_K_X", "Unknown GGUF type 'Q4_K_X'"), ("IQ2_XS", "importance matrix"), ("", "must be a name")],
+)
+def test_unknown_or_unsupported_quant_is_refused_before_work(quant, match, tmp_path):
+    with pytest.raises(ftgguf.ExportError, match=match):
+        llamacpp.quantize_gguf(tmp_path / "missing-f16.gguf", tmp_path / "out.gguf", quant)
+    assert llamacpp.check_quant_type("q4_k_m") == "Q4_K_M" and llamacpp.check_quant_type("F16") == "f16"
+
+
+def test_damaged_f16_file_is_named_before_quantizing(tmp_path):
+    bad = tmp_path / "model-f16.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)  # a GGUF magic and nothing usable
+
+    with pytest.raises(ftgguf.ExportError, match=r"model-f16\.gguf is not a readable GGUF file"):
+        llamacpp.quantize_gguf(bad, tmp_path / "out.gguf", "Q4_K_M")
+    assert [p.name for p in tmp_path.iterdir()] == ["model-f16.gguf"]
+
+
+def test_quantizer_failure_quotes_llama_cpp_log(export_gguf_files, tmp_path, monkeypatch):
+    failing = "import sys; print('llama_model_quantize: failed to quantize: out of disk'); sys.exit(1)"
+    monkeypatch.setattr(llamacpp, "_QUANTIZE_CHILD", failing)  # llama.cpp failing, as its log says
+
+    with pytest.raises(ftgguf.ExportError, match=r"exit status 1\)\. Its log ends:\n.*out of disk"):
+        llamacpp.quantize_gguf(export_gguf_files["f16"], tmp_path / "out.gguf", "Q4_K_M")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_gguf_does_not_load_with_a_clear_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(ftgguf.ExportError, match="llama.cpp cannot load"):
+        llamacpp.open_llama(bad)
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_quantization_stops_llama_cpp_and_leaves_no_file(export_gguf_files, tmp_path, monkeypatch):
+    children = []
+    original_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        children.append(original_popen(*args, **kwargs))
+        return children[-1]
+
+    def ctrl_c():  # what Python raises in the waiting main thread when the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    out = tmp_path / "model-Q4_K_M.gguf"
+    with pytest.raises(KeyboardInterrupt):
+        llamacpp.quantize_gguf(export_gguf_files["f16"], out, "Q4_K_M", on_wait=ctrl_c)
+
+    assert len(children) == 1 and children[0].poll() is not None  # llama.cpp's process is gone
+    assert children[0].returncode != 0  # killed, not finished
+    assert list(tmp_path.iterdir()) == []  # no partial file, no finished file
+
+
+# --- Serving with llama.cpp alone ----------------------------------------------------------------
+
+
+def test_llama_cpp_adds_no_bos_because_the_file_says_so(export_gguf_files):
+    llm = llamacpp.open_llama(export_gguf_files["f16"], vocab_only=True)
+    try:
+        # add_bos=True asks for the model's BOS *if* its add_bos_token flag is true; ours is false
+        assert llm.tokenize(b"Hello", add_bos=True) == llm.tokenize(b"Hello", add_bos=False)
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_completion_is_the_greedy_continuation(export_hf, export_prompts, export_gguf_files):
+    model, tokenizer = export_hf
+    path = export_gguf_files["f16"]
+    report = llamacpp.compare_with_llama_cpp(model, tokenizer, path, export_prompts, max_new_tokens=8)
+    replies = llamacpp.generate_with_llama_cpp(path, export_prompts, max_new_tokens=8)
+
+    for compared, reply in zip(report.prompts, replies, strict=True):
+        tokens = compared.gguf_tokens  # llama.cpp's own greedy tokens, from the logits
+        if tokenizer.eos_token_id in tokens:  # the completion stops at EOS and leaves it out
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert reply == tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+def test_exact_match_with_llama_cpp_scores_llama_cpp_replies(export_hf, export_gguf_files):
+    from ftcourse import evaluate
+    from ftcourse.toy.tasks import build_tasks
+
+    tokenizer = export_hf[1]
+    tasks = build_tasks("test", per_family=2)
+    report = llamacpp.exact_match_with_llama_cpp(export_gguf_files["q8_0"], tokenizer, tasks)
+    prompts = [evaluate.chat_prompt(tokenizer, task) for task in tasks]
+    replies = llamacpp.generate_with_llama_cpp(export_gguf_files["q8_0"], prompts)
+
+    assert report.n_tasks == len(tasks) and set(report.by_family) == {t.family for t in tasks}
+    assert report.replies == tuple(evaluate.first_answer(r) for r in replies)
+    hits = [answer == task.answer for answer, task in zip(report.replies, tasks, strict=True)]
+    assert report.overall == sum(hits) / len(tasks)

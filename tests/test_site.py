@@ -1,0 +1,405 @@
+"""The built site, read in a real browser as a reader reads it (Debian's Chromium, driven by Playwright).
+
+The site in `_build/html` is served on 127.0.0.1 and every page of `_toc.yml` is opened once; the tests
+below then check what that crawl saw. Nothing here downloads a browser: Playwright drives the system
+Chromium through `executable_path`. Requests for any host other than 127.0.0.1 are recorded and refused.
+
+Without a built site (run `make book`), a browser or Playwright, these tests skip locally and fail in CI
+(`CI=true`), where `make test` builds the site first. `FTCOURSE_SITE_ROOT` points them at another
+checkout's build (a folder with `_toc.yml` and `_build/html`).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from urllib.parse import urldefrag, urlsplit
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SITE_ROOT = Path(os.environ.get("FTCOURSE_SITE_ROOT", REPO)).resolve()
+HTML = SITE_ROOT / "_build" / "html"
+SCREENSHOTS = SITE_ROOT / "_build" / "screenshots"
+CHROMIUM = os.environ.get("FTCOURSE_CHROMIUM", "/usr/bin/chromium")
+# Flags measured to run headless and offline (see shared STACK-NOTES: Jupyter Book 1, PDF).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# What must never appear in a cell's output on the site.
+OUTPUT_PROBLEMS = {
+    "a Python warning": re.compile(r"\b[A-Z]\w*Warning\b:"),
+    "a traceback": re.compile(r"Traceback \(most recent call last\)"),
+    "an installed-package path": re.compile(r"/site-packages/|/dist-packages/"),
+    "a temporary path": re.compile(r"(?<![\w.])/tmp/"),
+    "a virtual-environment path": re.compile(r"\.venv\b"),
+    "the repository's absolute path": re.compile(re.escape(str(REPO)) + "|" + re.escape(str(SITE_ROOT))),
+}
+SEARCH_TERM = "LoRA"
+
+
+def _unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must run the browser test (make test builds the site, then runs it)")
+    pytest.skip(reason)
+
+
+def toc_docnames(root: Path = SITE_ROOT) -> list[str]:
+    """Every page `_toc.yml` puts in the book, in reading order, globs expanded against the build."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    names: list[str] = []
+
+    def walk(node: dict) -> None:
+        if "file" in node:
+            names.append(str(node["file"]).removesuffix(".md").removesuffix(".ipynb"))
+        if "glob" in node:
+            built = sorted(p.relative_to(HTML).with_suffix("").as_posix() for p in HTML.rglob("*.html"))
+            names.extend(name for name in built if fnmatch(name, node["glob"]))
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key) or []:
+                walk(child)
+
+    walk({"file": toc["root"], **{k: v for k, v in toc.items() if k != "root"}})
+    return names
+
+
+@dataclass
+class PageVisit:
+    """What the browser saw on one page."""
+
+    url: str
+    status: int | None = None
+    console_errors: list[str] = field(default_factory=list)
+    failed_requests: list[str] = field(default_factory=list)
+    math_nodes: int = 0
+    math_containers: int = 0
+    math_errors: int = 0
+    broken_images: list[str] = field(default_factory=list)
+    images: int = 0
+    output_text: str = ""
+    links: list[str] = field(default_factory=list)
+    footer: str = ""
+    notebook_download: str | None = None
+    edit_link: str | None = None
+
+
+@dataclass
+class Crawl:
+    """The results of opening every toc page once, plus the search check and every request made."""
+
+    base: str
+    pages: dict[str, PageVisit]
+    requests: list[str]
+    search_results: list[str]
+    search_target_text: str
+    search_target_url: str
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass
+
+
+@pytest.fixture(scope="module")
+def site():
+    """Serve _build/html on 127.0.0.1 (a free port) for the module's tests; yields the base URL."""
+    if not (HTML / "index.html").is_file():
+        _unavailable(f"no built site at {HTML} (run `make book`)")
+    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _page_script() -> str:
+    """JavaScript that reports math, images, cell output, links and buttons of the open page."""
+    return """async () => {
+        const mathNodes = document.querySelectorAll('.math').length;
+        if (mathNodes && window.MathJax && MathJax.startup && MathJax.startup.promise) {
+            await MathJax.startup.promise;
+        }
+        const images = [...document.querySelectorAll('img')];
+        await Promise.all(images.map(img => img.complete ? null : new Promise(r => {
+            img.addEventListener('load', r); img.addEventListener('error', r); })));
+        const notebook = document.querySelector('a.btn-download-notebook-button');
+        const edit = document.querySelector('a.btn-edit-button');
+        return {
+            mathNodes,
+            mathContainers: document.querySelectorAll('mjx-container').length,
+            mathErrors: document.querySelectorAll('mjx-merror, [data-mjx-error]').length,
+            images: images.length,
+            brokenImages: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+            outputText: [...document.querySelectorAll('.cell_output')].map(e => e.innerText).join('\\n'),
+            links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+            footer: [...document.querySelectorAll('footer, .bd-footer-content')]
+                .map(e => e.innerText).join('\\n'),
+            notebookDownload: notebook ? notebook.href : null,
+            editLink: edit ? edit.href : null,
+        };
+    }"""
+
+
+@pytest.fixture(scope="module")
+def crawl(site) -> Crawl:
+    """Open every toc page and the search page once in Chromium; the tests assert on what was seen."""
+    if not Path(CHROMIUM).is_file():
+        _unavailable(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium; `make env` does it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("Playwright is not installed (pip install -e '.[test]')")
+
+    requests: list[str] = []
+    pages: dict[str, PageVisit] = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+
+        def route(route):
+            requests.append(route.request.url)
+            if urlsplit(route.request.url).hostname == "127.0.0.1":
+                route.continue_()
+            else:
+                route.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        current: list[PageVisit] = []
+        page.on(
+            "console", lambda m: current and m.type == "error" and current[-1].console_errors.append(m.text)
+        )
+        page.on("pageerror", lambda e: current and current[-1].console_errors.append(f"uncaught: {e}"))
+        page.on(
+            "requestfailed",
+            lambda r: current and current[-1].failed_requests.append(f"{r.url} ({r.failure})"),
+        )
+        page.on(
+            "response",
+            lambda r: (
+                current and r.status >= 400 and current[-1].failed_requests.append(f"{r.url} ({r.status})")
+            ),
+        )
+        for docname in toc_docnames():
+            visit = PageVisit(url=site + docname + ".html")
+            current.append(visit)
+            response = page.goto(visit.url, wait_until="load")
+            visit.status = response.status if response else None
+            seen = page.evaluate(_page_script())
+            visit.math_nodes, visit.math_containers = seen["mathNodes"], seen["mathContainers"]
+            visit.math_errors, visit.images = seen["mathErrors"], seen["images"]
+            visit.broken_images, visit.output_text = seen["brokenImages"], seen["outputText"]
+            visit.links, visit.footer = seen["links"], seen["footer"]
+            visit.notebook_download, visit.edit_link = seen["notebookDownload"], seen["editLink"]
+            pages[docname] = visit
+
+        search = PageVisit(url=f"{site}search.html?q={SEARCH_TERM}")
+        current.append(search)
+        page.goto(search.url, wait_until="load")
+        page.wait_for_selector("#search-results ul.search li a, #search-results p", timeout=30_000)
+        page.wait_for_function(
+            "() => !document.querySelector('#search-results h2') ||"
+            " document.querySelector('#search-results p')?.innerText.length > 0",
+            timeout=30_000,
+        )
+        results = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
+        target_text, target_url = "", ""
+        if results:
+            page.click("#search-results ul.search li a >> nth=0")
+            page.wait_for_load_state("load")
+            target_url = page.url
+            target_text = (
+                page.inner_text("article") if page.query_selector("article") else page.inner_text("body")
+            )
+        pages["search"] = search
+
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for name in _screenshot_pages(list(pages)):
+            page.goto(site + name + ".html", wait_until="load")
+            page.evaluate(_page_script())
+            page.screenshot(path=str(SCREENSHOTS / (name.replace("/", "_") + ".png")), full_page=False)
+        browser.close()
+    return Crawl(site, pages, requests, results, target_text, target_url)
+
+
+def _screenshot_pages(docnames: list[str]) -> list[str]:
+    """The preface, the first chapter with a figure or math, and the first API page."""
+    chosen = [docnames[0]]
+    chapters = [name for name in docnames if "/part" in name]
+    api = [name for name in docnames if name.startswith("book/api/ftcourse")]
+    chosen += chapters[:1] + api[:1]
+    return chosen
+
+
+def _problems(pages: dict[str, PageVisit], attribute: str) -> dict[str, list]:
+    return {name: getattr(visit, attribute) for name, visit in pages.items() if getattr(visit, attribute)}
+
+
+def test_every_toc_page_loads(crawl):
+    missing = {
+        name: visit.status for name, visit in crawl.pages.items() if name != "search" and visit.status != 200
+    }
+    assert not missing, f"pages that did not load (HTTP status): {missing}"
+
+
+def test_no_console_errors(crawl):
+    errors = _problems(crawl.pages, "console_errors")
+    assert not errors, f"console errors: {errors}"
+
+
+def test_no_failed_requests(crawl):
+    failed = _problems(crawl.pages, "failed_requests")
+    assert not failed, f"requests that failed or answered >= 400: {failed}"
+
+
+def test_no_request_leaves_localhost(crawl):
+    assert crawl.requests, "the crawl recorded no requests at all: the recorder is broken"
+    outside = sorted({url for url in crawl.requests if urlsplit(url).hostname != "127.0.0.1"})
+    assert not outside, f"requests to other hosts (refused): {outside}"
+
+
+def test_math_is_typeset(crawl):
+    with_math = {name: v for name, v in crawl.pages.items() if v.math_nodes}
+    assert with_math, "no page has math: the check would pass vacuously"
+    bad = {
+        name: f"{v.math_containers} MathJax containers for {v.math_nodes} math nodes, {v.math_errors} errors"
+        for name, v in with_math.items()
+        if v.math_containers < v.math_nodes or v.math_errors
+    }
+    assert not bad, f"math not typeset: {bad}"
+
+
+def test_every_image_loads(crawl):
+    assert sum(v.images for v in crawl.pages.values()), "no images seen: the check would pass vacuously"
+    broken = _problems(crawl.pages, "broken_images")
+    assert not broken, f"images that did not load: {broken}"
+
+
+def test_cell_outputs_hold_no_warnings_tracebacks_or_build_paths(crawl):
+    found = []
+    for name, visit in crawl.pages.items():
+        for what, pattern in OUTPUT_PROBLEMS.items():
+            for match in pattern.finditer(visit.output_text):
+                line_start = visit.output_text.rfind("\n", 0, match.start()) + 1
+                line_end = visit.output_text.find("\n", match.end())
+                line = visit.output_text[line_start : line_end if line_end >= 0 else None]
+                found.append(f"{name}: {what}: {line.strip()[:160]!r}")
+    assert not found, "cell output a reader should not see:\n  " + "\n  ".join(found)
+
+
+def test_search_finds_lora_and_its_first_result_contains_it(crawl):
+    assert crawl.search_results, f"searching the site for {SEARCH_TERM!r} found nothing"
+    assert SEARCH_TERM in crawl.search_target_text, (
+        f"the first search result for {SEARCH_TERM!r}, {crawl.search_target_url}, does not contain it"
+    )
+
+
+def _ids(html: str) -> set[str]:
+    return set(re.findall(r"""\bid=["']([^"']+)["']""", html))
+
+
+def test_every_internal_link_and_citation_resolves(crawl):
+    targets: dict[str, set[str]] = {}
+    for name, visit in crawl.pages.items():
+        for link in visit.links:
+            if urlsplit(link).hostname != "127.0.0.1":
+                continue
+            url, fragment = urldefrag(link)
+            targets.setdefault(url, set())
+            if fragment:
+                targets[url].add(f"{fragment}\t{name}")
+    assert any("bibliography" in url for url in targets), "no link to the bibliography: citations unchecked"
+    broken = []
+    for url, fragments in sorted(targets.items()):
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as error:
+            broken.append(f"{url}: HTTP {error.code}")
+            continue
+        ids = _ids(body)
+        for entry in sorted(fragments):
+            fragment, source = entry.split("\t")
+            if urllib.parse.unquote(fragment) not in ids:
+                broken.append(f"{url}#{fragment} (linked from {source}): no such anchor")
+    assert not broken, "links that do not resolve:\n  " + "\n  ".join(broken)
+
+
+def test_api_reference_has_a_page_per_module(crawl):
+    sys.path.insert(0, str(SITE_ROOT / "book" / "_ext"))
+    import ftcourse_book
+
+    for module in ftcourse_book.package_modules(SITE_ROOT):
+        docname = f"{ftcourse_book.API_DIR.as_posix()}/{module}"
+        assert docname in crawl.pages, f"{module} has no API page in the toc-built site"
+        assert crawl.pages[docname].status == 200
+        body = (HTML / f"{docname}.html").read_text(encoding="utf-8")
+        assert f'id="module-{module}"' in body, f"{docname}.html does not document module {module}"
+
+
+def test_every_page_shows_the_version_and_links_the_repository(crawl):
+    sys.path.insert(0, str(SITE_ROOT / "book" / "_ext"))
+    import ftcourse_book
+
+    version = ftcourse_book.book_version(SITE_ROOT)
+    no_version = [name for name, v in crawl.pages.items() if f"version {version}" not in v.footer]
+    assert not no_version, f"pages whose footer does not show ftcourse version {version}: {no_version}"
+    no_edit = [name for name, v in crawl.pages.items() if name != "search" and not v.edit_link]
+    assert not no_edit, f"pages without an edit button: {no_edit}"
+
+
+def test_every_chapter_offers_its_notebook(crawl):
+    from myst_nb.core.read import is_myst_markdown_notebook
+
+    sources = {name: SITE_ROOT / f"{name}.md" for name in crawl.pages}
+    toc_notebooks = [
+        name
+        for name, source in sources.items()
+        if source.is_file() and is_myst_markdown_notebook(source.read_text(encoding="utf-8"))
+    ]
+    assert toc_notebooks, "no notebook chapter in the site"
+    missing = [name for name in toc_notebooks if not crawl.pages[name].notebook_download]
+    assert not missing, f"chapters without an .ipynb download: {missing}"
+    for name in toc_notebooks:
+        with urllib.request.urlopen(crawl.pages[name].notebook_download, timeout=30) as response:
+            assert b'"cells"' in response.read(), f"{name}: the .ipynb download is not a notebook"
+
+
+def test_screenshots_written(crawl):
+    shots = sorted(SCREENSHOTS.glob("*.png"))
+    assert len(shots) >= 3, f"expected three screenshots in {SCREENSHOTS}, found {[p.name for p in shots]}"
+
+
+def test_built_pages_load_nothing_from_the_network(site):
+    """Pages load scripts and styles only from the build itself, and MathJax from the local copy."""
+    remote = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)="(https?:)?//[^"]*\.(?:js|css)\b""")
+    mathjax = re.compile(r"""<script\b[^>]*\bsrc="[^"]*mathjax/tex-chtml-full\.js""")
+    for page in sorted(HTML.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        found = remote.search(text)
+        assert found is None, f"{page.relative_to(HTML)} loads {found.group(0)!r} from the network"
+        if 'class="math' in text:
+            assert mathjax.search(text), f"{page.relative_to(HTML)} has math but no local MathJax"
+    assert (HTML / "mathjax" / "tex-chtml-full.js").is_file(), "local MathJax was not copied into the build"
