@@ -229,6 +229,11 @@ class ChapterItem(NotebookItem):
                 pytrace=False,
             )
 
+    def repr_failure(self, excinfo, style=None):
+        if excinfo.errisinstance(pytest.fail.Exception):  # the budget check: its message, not nbmake's
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
     def reportinfo(self):
         return self.path, 0, f"chapter {self.source.relative_to(ROOT).as_posix()}"
 

@@ -1,4 +1,5 @@
-"""Fixtures shared by the export tests (test_merge, test_gguf, test_llamacpp, test_ollama, test_export, test_cli).
+"""Fixtures shared by the export tests: test_merge, test_gguf, test_llamacpp, test_ollama, test_export,
+test_cli.
 
 Every test takes the model folder from the `export_model_dir` fixture: by default the book's embedded
 model (`ftcourse.toy.model_dir()`). Set FTCOURSE_EXPORT_MODEL_DIR to run the same tests on another

@@ -95,3 +95,107 @@ def test_pytest_collects_every_notebook_chapter(book_toc):
             f"{rel(source)} is a notebook chapter in _toc.yml but pytest collected it {count} times. "
             "Chapters must lie under a folder in `testpaths` (pyproject.toml), i.e. under book/."
         )
+
+
+def _root_conftest():
+    """The repository's conftest.py as a plain module (pytest registers it under its own name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ftcourse_root_conftest", ROOT / "conftest.py")
+    if spec.name in sys.modules:
+        return sys.modules[spec.name]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+CHAPTER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# A chapter
+
+Some prose.
+
+```{code-cell} ipython3
+:tags: [remove-input]
+x = 6 * 7
+```
+
+```{code-cell} ipython3
+print(x)
+```
+"""
+
+
+def _executed_copy(notebook):
+    """What nbmake hands back: outputs, execution counts and timing metadata added to every code cell."""
+    import copy
+
+    import nbformat
+
+    executed = copy.deepcopy(notebook)
+    for count, cell in enumerate((c for c in executed.cells if c.cell_type == "code"), start=1):
+        cell.execution_count = count
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"cell {count}\n")]
+        cell.metadata["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00Z"}  # nbclient's timing
+    executed.metadata["language_info"] = {"name": "python"}
+    return executed
+
+
+def test_a_chapter_cached_by_pytest_is_found_by_the_build_until_its_code_changes(tmp_path):
+    """The cache round trip the book build relies on, with the lookup myst-nb makes (jupyter-cache)."""
+    from jupyter_cache import get_cache
+
+    conftest = _root_conftest()
+    source = tmp_path / "chapter.md"
+    source.write_text(CHAPTER, encoding="utf-8")
+    notebook = conftest.read_chapter(source)
+    assert conftest.cache_executed(source, notebook, _executed_copy(notebook), cache_path=tmp_path / "cache")
+    cache = get_cache(str(tmp_path / "cache"))
+
+    # The build reads the same file again: it finds the stored outputs and merges them in.
+    _, merged = cache.merge_match_into_notebook(conftest.read_chapter(source))
+    outputs = [cell.outputs[0]["text"] for cell in merged.cells if cell.cell_type == "code"]
+    assert outputs == ["cell 1\n", "cell 2\n"]
+    assert merged.metadata["language_info"] == {"name": "python"}
+
+    # Prose edits keep the match; a changed code cell or cell option does not.
+    source.write_text(CHAPTER.replace("Some prose.", "Other prose."), encoding="utf-8")
+    cache.match_cache_notebook(conftest.read_chapter(source))
+    for changed in (CHAPTER.replace("6 * 7", "6 * 8"), CHAPTER.replace("remove-input", "remove-cell")):
+        source.write_text(changed, encoding="utf-8")
+        with pytest.raises(KeyError):
+            cache.match_cache_notebook(conftest.read_chapter(source))
+
+
+def test_the_cache_key_follows_profile_model_and_package(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    import ftcourse_book
+
+    (tmp_path / "src" / "ftcourse").mkdir(parents=True)
+    module = tmp_path / "src" / "ftcourse" / "lora.py"
+    module.write_text("RANK = 8\n", encoding="utf-8")
+    monkeypatch.delenv("FTCOURSE_PROFILE", raising=False)
+    monkeypatch.delenv("FTCOURSE_MODEL", raising=False)
+    base = ftcourse_book.execution_cache_key(tmp_path)
+    assert base.startswith("cpu-")
+    assert ftcourse_book.execution_cache_key(tmp_path) == base  # stable
+    (tmp_path / "src" / "ftcourse" / "__pycache__").mkdir()
+    (tmp_path / "src" / "ftcourse" / "__pycache__" / "lora.cpython-311.pyc").write_bytes(b"\0")
+    assert ftcourse_book.execution_cache_key(tmp_path) == base  # bytecode is not an input
+    module.write_text("RANK = 16\n", encoding="utf-8")
+    changed = ftcourse_book.execution_cache_key(tmp_path)
+    assert changed != base
+    monkeypatch.setenv("FTCOURSE_PROFILE", "spark")
+    assert ftcourse_book.execution_cache_key(tmp_path).startswith("spark-")
+    monkeypatch.setenv("FTCOURSE_MODEL", "some/model")
+    assert ftcourse_book.execution_cache_key(tmp_path) not in (base, changed)

@@ -176,7 +176,8 @@ def test_missing_tensor_is_refused(model_copy, tmp_path):
 
 
 def test_bias_tensors_are_refused_not_written_unpermuted(model_copy, tmp_path):
-    _rewrite_weights(model_copy, lambda w: w.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(256)}))
+    bias = {"model.layers.0.self_attn.q_proj.bias": torch.zeros(256)}
+    _rewrite_weights(model_copy, lambda w: w.update(bias))
     _refused(model_copy, tmp_path, r"q_proj\.bias.*Bias tensors need attention_bias")
 
 

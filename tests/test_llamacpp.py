@@ -22,7 +22,8 @@ def _compare(export_hf, export_prompts, path) -> llamacpp.GGUFComparison:
 
 
 def test_llama_cpp_is_installed():
-    assert llamacpp.llama_cpp_available(), f"llama-cpp-python is a test dependency: {llamacpp.LLAMA_CPP_INSTALL}"
+    install = llamacpp.LLAMA_CPP_INSTALL
+    assert llamacpp.llama_cpp_available(), f"llama-cpp-python is a test dependency: {install}"
 
 
 def test_f16_gguf_gives_transformers_logits_and_greedy_tokens(export_hf, export_prompts, export_gguf_files):
@@ -36,7 +37,9 @@ def test_f16_gguf_gives_transformers_logits_and_greedy_tokens(export_hf, export_
     assert llamacpp.check_comparison(report, llamacpp.check_tolerance("f16")) == []
 
 
-def test_without_qk_permutation_llama_cpp_logits_differ(export_model_dir, export_hf, export_prompts, tmp_path):
+def test_without_qk_permutation_llama_cpp_logits_differ(
+    export_model_dir, export_hf, export_prompts, tmp_path
+):
     broken = ftgguf.write_gguf(export_model_dir, tmp_path / "no-permute.gguf", "f16", permute=False)
     report = _compare(export_hf, export_prompts, broken)
 
@@ -116,7 +119,9 @@ def test_damaged_gguf_does_not_load_with_a_clear_error(tmp_path):
 # --- Ctrl-C -------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_during_quantization_stops_llama_cpp_and_leaves_no_file(export_gguf_files, tmp_path, monkeypatch):
+def test_ctrl_c_during_quantization_stops_llama_cpp_and_leaves_no_file(
+    export_gguf_files, tmp_path, monkeypatch
+):
     children = []
     original_popen = subprocess.Popen
 

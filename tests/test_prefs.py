@@ -1,4 +1,5 @@
-"""The from-scratch preference losses against TRL 1.x on the same model and batch, and against hand-worked cases.
+"""The from-scratch preference losses against TRL 1.x on the same model and batch, and against hand-worked
+cases.
 
 Tolerance: 1e-5 absolute on losses and logged rewards. TRL computes log-probabilities with a chunked kernel
 (DPO, KTO) and `selective_log_softmax` (CPO, ORPO) rather than a plain `log_softmax`, so the two sides agree
@@ -103,7 +104,11 @@ def test_sequence_logprobs_rejects_bad_batches():
     with pytest.raises(ValueError, match="rows \\[0\\] have no completion tokens"):
         prefs.sequence_logprobs(
             ConstantLogits(),
-            {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.zeros_like(ids)},
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "completion_mask": torch.zeros_like(ids),
+            },
         )
 
 
@@ -112,7 +117,9 @@ def test_sequence_logprobs_rejects_bad_batches():
 
 def test_dpo_loss_by_hand():
     # c - c_ref = 0.5, r - r_ref = -0.5, so beta * (0.5 + 0.5) = 0.1 and the loss is log(1 + e^-0.1).
-    out = prefs.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]))
+    out = prefs.dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
+    )
     assert out.loss.item() == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-7)  # a sign error gives +0.1
     assert out.chosen_rewards.item() == pytest.approx(0.05)
     assert out.rejected_rewards.item() == pytest.approx(-0.05)
@@ -149,7 +156,9 @@ def _paired_batch(trainer, n: int) -> tuple[dict, dict]:
     """TRL's CPO/ORPO batch of `n` pairs, and the same rows in sequence_logprobs' format."""
     raw = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     pad_id = getattr(trainer, "padding_value", None)
-    pad_id = trainer.pad_token_id if pad_id is None else pad_id  # CPO names it pad_token_id, ORPO padding_value
+    pad_id = (
+        trainer.pad_token_id if pad_id is None else pad_id
+    )  # CPO names it pad_token_id, ORPO padding_value
     joined = trainer.concatenated_inputs(raw, padding_value=pad_id)
     ours = {
         "input_ids": joined["concatenated_input_ids"],
@@ -204,7 +213,9 @@ def test_orpo_matches_trl_which_scores_the_prompt(tokenizer, pairs, scratch):
     with torch.no_grad():
         trl_loss, logged = trainer.get_batch_loss_metrics(trainer.model, raw)
         chosen, rejected = prefs.sequence_logprobs(trainer.model, batch).halves()
-    trl_like = prefs.orpo_loss(chosen.mean, rejected.mean, prefs.orpo_nll(chosen, include_prompt=True), lam=0.1)
+    trl_like = prefs.orpo_loss(
+        chosen.mean, rejected.mean, prefs.orpo_nll(chosen, include_prompt=True), lam=0.1
+    )
     assert trl_like.loss.item() == pytest.approx(trl_loss.item(), abs=ATOL)
     assert trl_like.extra["nll_loss"] == pytest.approx(float(logged["nll_loss"]), abs=ATOL)
     assert trl_like.extra["log_odds_ratio"] == pytest.approx(float(logged["log_odds_ratio"]), abs=ATOL)
@@ -222,8 +233,13 @@ def test_kto_loss_by_hand():
     z0 = prefs.kto_reference_point(torch.tensor([0.5, -1.5]), torch.tensor([0.0, 0.0]))
     assert z0.item() == 0.0  # clamped at zero
     out = prefs.kto_loss(
-        torch.tensor([1.0, 3.0, -2.0]), torch.zeros(3), torch.tensor([True, True, False]), z0,
-        beta=0.5, desirable_weight=1.0, undesirable_weight=2.0,
+        torch.tensor([1.0, 3.0, -2.0]),
+        torch.zeros(3),
+        torch.tensor([True, True, False]),
+        z0,
+        beta=0.5,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
     )
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     expected = ((1 - sig(0.5)) + (1 - sig(1.5)) + 2 * (1 - sig(0.5 * 2.0))) / 3
@@ -269,7 +285,9 @@ def test_kto_matches_trl(tokenizer, pairs, scratch):
 @pytest.mark.parametrize("method", prefs.METHODS)
 def test_preference_trainer_steps_offline(method, tokenizer, pairs, scratch, no_network):
     records = (
-        toy_prefs.feedback_records(pairs[:4], 0.5) if method == "kto" else toy_prefs.preference_records(pairs[:4])
+        toy_prefs.feedback_records(pairs[:4], 0.5)
+        if method == "kto"
+        else toy_prefs.preference_records(pairs[:4])
     )
     trainer = _trainer(method, tokenizer, records, scratch)
     trainer.model.train()

@@ -27,7 +27,7 @@ def test_spark_profile_names_real_models_and_hub_datasets():
 def test_model_override_wins_on_spark_and_must_be_local_on_cpu(tmp_path):
     spark = {"FTCOURSE_PROFILE": "spark", "FTCOURSE_MODEL": "Qwen/Qwen2.5-7B-Instruct"}
     assert profiles.resolve_model(environ=spark) == "Qwen/Qwen2.5-7B-Instruct"
-    assert profiles.resolve_model(environ={"FTCOURSE_MODEL": str(tmp_path)}) == str(tmp_path)
+    assert profiles.resolve_model(environ={"FTCOURSE_MODEL": str(model_dir())}) == str(model_dir())
     with pytest.raises(ValueError, match="never downloads"):
         profiles.resolve_model(environ={"FTCOURSE_MODEL": "meta-llama/Llama-3.1-8B-Instruct"})
 
@@ -45,3 +45,62 @@ def test_describe_names_the_profile_and_the_switch(monkeypatch):
     monkeypatch.delenv("FTCOURSE_MODEL", raising=False)
     text = profiles.describe()
     assert "`cpu`" in text and "FTCOURSE_PROFILE=spark" in text and "embedded" in text
+
+
+# --- FTCOURSE_MODEL pointing at something that is not a model -----------------------------------
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    import shutil
+
+    return shutil.copytree(model_dir(), tmp_path / "model")
+
+
+def test_model_override_expands_the_home_folder(model_copy, monkeypatch):
+    monkeypatch.setenv("HOME", str(model_copy.parent))
+    assert profiles.resolve_model(environ={"FTCOURSE_MODEL": "~/model"}) == str(model_copy)
+
+
+def test_model_override_that_is_an_adapter_folder_is_named(model_copy):
+    (model_copy / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a PEFT adapter folder, not a model"):
+        profiles.resolve_model(environ={"FTCOURSE_MODEL": str(model_copy)})
+
+
+def test_model_override_without_config_is_named(model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(ValueError, match="has no config.json"):
+        profiles.resolve_model(environ={"FTCOURSE_MODEL": str(model_copy)})
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 8], ids=["empty", "garbage"])
+def test_model_override_with_damaged_weights_is_named(model_copy, content):
+    (model_copy / "model.safetensors").write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.safetensors is damaged"):
+        profiles.resolve_model(environ={"FTCOURSE_MODEL": str(model_copy)})
+
+
+# --- The cpu profile never touches the network ----------------------------------------------------
+
+
+def test_cpu_profile_switches_the_hf_libraries_offline():
+    import huggingface_hub.constants
+
+    assert profiles.stay_offline(profiles.PROFILES["cpu"]) is True
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_DISABLE_TELEMETRY
+    assert profiles.stay_offline(profiles.PROFILES["spark"]) is False
+
+
+def test_lora_sft_makes_no_network_call(no_network):
+    from ftcourse import data, sft
+
+    tokenizer, model = profiles.load_tokenizer(), profiles.load_base()
+    records = data.load_records("messages", "train", size=8)
+    run = sft.lora_sft(model, tokenizer, records, steps=2, batch_size=4, progress=False)
+    from huggingface_hub.utils import _telemetry
+
+    _telemetry._TELEMETRY_QUEUE.join()  # TRL's ping is sent from a thread: wait until it is done, if any
+
+    assert no_network == []  # TRL's telemetry ping and hub lookups are off on the cpu profile
+    assert run.model is not model  # it trained a copy, offline

@@ -99,6 +99,7 @@ class PageVisit:
     footer: str = ""
     notebook_download: str | None = None
     edit_link: str | None = None
+    issues_link: str | None = None
 
 
 @dataclass
@@ -145,7 +146,8 @@ def _page_script() -> str:
         await Promise.all(images.map(img => img.complete ? null : new Promise(r => {
             img.addEventListener('load', r); img.addEventListener('error', r); })));
         const notebook = document.querySelector('a.btn-download-notebook-button');
-        const edit = document.querySelector('a.btn-edit-button');
+        const edit = document.querySelector('a.btn-source-edit-button');
+        const issues = document.querySelector('a.btn-source-issues-button');
         return {
             mathNodes,
             mathContainers: document.querySelectorAll('mjx-container').length,
@@ -158,6 +160,7 @@ def _page_script() -> str:
                 .map(e => e.innerText).join('\\n'),
             notebookDownload: notebook ? notebook.href : null,
             editLink: edit ? edit.href : null,
+            issuesLink: issues ? issues.href : null,
         };
     }"""
 
@@ -213,6 +216,7 @@ def crawl(site) -> Crawl:
             visit.broken_images, visit.output_text = seen["brokenImages"], seen["outputText"]
             visit.links, visit.footer = seen["links"], seen["footer"]
             visit.notebook_download, visit.edit_link = seen["notebookDownload"], seen["editLink"]
+            visit.issues_link = seen["issuesLink"]
             pages[docname] = visit
 
         search = PageVisit(url=f"{site}search.html?q={SEARCH_TERM}")
@@ -245,12 +249,13 @@ def crawl(site) -> Crawl:
 
 
 def _screenshot_pages(docnames: list[str]) -> list[str]:
-    """The preface, the first chapter with a figure or math, and the first API page."""
-    chosen = [docnames[0]]
-    chapters = [name for name in docnames if "/part" in name]
-    api = [name for name in docnames if name.startswith("book/api/ftcourse")]
-    chosen += chapters[:1] + api[:1]
-    return chosen
+    """Three pages for a human look: the preface, a chapter (LoRA's when it exists) and an API page."""
+    docnames = [name for name in docnames if name != "search"]
+    api = [name for name in docnames if name.startswith("book/api/ftcourse.")]
+    chapters = [name for name in docnames if name not in api and name != docnames[0] and "/api/" not in name]
+    chapter = next((name for name in chapters if "lora" in name), chapters[0] if chapters else None)
+    module = next((name for name in api if name.endswith(".lora")), api[0] if api else None)
+    return [name for name in (docnames[0], chapter, module) if name]
 
 
 def _problems(pages: dict[str, PageVisit], attribute: str) -> dict[str, list]:
@@ -364,10 +369,13 @@ def test_every_page_shows_the_version_and_links_the_repository(crawl):
     import ftcourse_book
 
     version = ftcourse_book.book_version(SITE_ROOT)
-    no_version = [name for name, v in crawl.pages.items() if f"version {version}" not in v.footer]
+    pages = {name: visit for name, visit in crawl.pages.items() if name != "search"}
+    no_version = [name for name, v in pages.items() if f"version {version}" not in v.footer]
     assert not no_version, f"pages whose footer does not show ftcourse version {version}: {no_version}"
-    no_edit = [name for name, v in crawl.pages.items() if name != "search" and not v.edit_link]
+    no_edit = [name for name, v in pages.items() if not (v.edit_link and "/edit/" in v.edit_link)]
     assert not no_edit, f"pages without an edit button: {no_edit}"
+    no_issues = [name for name, v in pages.items() if not (v.issues_link and "/issues/" in v.issues_link)]
+    assert not no_issues, f"pages without an issue button: {no_issues}"
 
 
 def test_every_chapter_offers_its_notebook(crawl):

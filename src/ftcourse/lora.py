@@ -9,6 +9,7 @@ same batches. The names follow the equation: `W0`, `A`, `B`, `alpha`, `rank`, `s
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,9 +30,16 @@ IGNORE_INDEX = -100  # label of tokens that do not count in the loss (prompt, pa
 # a minute on two cores, real sizes on a DGX Spark. `records` training conversations, `eval_per_family`
 # held-out tasks per task family.
 RUN_SIZES: dict[str, dict[str, Any]] = {
-    "cpu": {"records": 400, "batch_size": 8, "steps": 60, "learning_rate": 5e-3, "eval_per_family": 25},
-    "spark": {"records": 4000, "batch_size": 8, "steps": 400, "learning_rate": 2e-4, "eval_per_family": 200},
-}
+    "cpu": {
+        "records": 400, "batch_size": 8, "steps": 60, "learning_rate": 5e-3, "eval_per_family": 25,
+        # the ablation and comparison chapters: many short runs
+        "sweep_batch_size": 4, "sweep_steps": 30, "sweep_eval_per_family": 10, "sweep_heldout": 32,
+    },
+    "spark": {
+        "records": 4000, "batch_size": 8, "steps": 400, "learning_rate": 2e-4, "eval_per_family": 200,
+        "sweep_batch_size": 8, "sweep_steps": 200, "sweep_eval_per_family": 50, "sweep_heldout": 256,
+    },
+}  # fmt: skip
 
 
 def run_sizes(profile: Any) -> dict[str, Any]:
@@ -353,3 +361,48 @@ def train_adapters(
             on_step(step + 1, model)
     model.train(was_training)
     return run
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    """The reply-token loss of `model` averaged over `batches` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    losses = [reply_loss(model, batch).item() for batch in batches]
+    model.train(was_training)
+    return float(sum(losses) / len(losses))
+
+
+@dataclass(frozen=True)
+class LoRASetting:
+    """One cell of a LoRA ablation: rank, alpha, which layers, rsLoRA or not, and the seed of A."""
+
+    rank: int
+    alpha: float
+    targets: str = "all"  # a key of TARGET_SETS
+    use_rslora: bool = False
+    seed: int = 0
+
+    @property
+    def scaling(self) -> float:
+        """The factor in front of B·A: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+def train_setting(
+    base: nn.Module,
+    setting: LoRASetting,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    steps: int,
+    learning_rate: float,
+    warmup_steps: int = 3,
+) -> tuple[nn.Module, AdapterRun]:
+    """A copy of `base` with the LoRA of `setting`, trained on `batches`; returns (eval-mode model, run)."""
+    if setting.targets not in TARGET_SETS:
+        raise ValueError(f"targets must be one of {sorted(TARGET_SETS)}, got {setting.targets!r}")
+    torch.manual_seed(setting.seed)  # the random A
+    model = copy.deepcopy(base)
+    inject_lora(model, TARGET_SETS[setting.targets], setting.rank, setting.alpha, setting.use_rslora)
+    run = train_adapters(model, batches, steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps)
+    return model.eval(), run

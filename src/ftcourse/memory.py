@@ -409,7 +409,7 @@ def compare(rows: Sequence[Mapping[str, Any]], **settings: Any) -> list[dict[str
                 "seq_len": row["seq"],
                 "measured GiB": row["peak_alloc_gib"],
                 "estimate GiB": round(estimate.peak_gib, 2),
-                "error %": round(100 * (estimate.peak_gib / row["peak_alloc_gib"] - 1), 1),
+                "error %": round(100 * (estimate.peak_gib / row["peak_alloc_gib"] - 1), 1) + 0.0,  # no "-0.0"
                 "peak at": estimate.peak_phase,
             }
         )

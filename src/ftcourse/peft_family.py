@@ -13,13 +13,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +27,6 @@ from ftcourse.profiles import Profile, active_profile, resolve_model
 from ftcourse.sft import DEFAULT_TARGETS
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# Modules a fresh worker process imports once, before any method runs: the import cost is paid once,
-# while each run still starts from a process that has allocated nothing for a model yet.
-PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "ftcourse.evaluate", "ftcourse.sft")
 
 
 @dataclass(frozen=True)
@@ -43,10 +40,26 @@ class FamilySizes:
     heldout_docs: int  # documents for the retention perplexity
     virtual_tokens: int = 8  # prompt, prefix and P-tuning
     skip: dict[str, str] = field(default_factory=dict)  # method -> why it is not run on this profile
+    all_seeds_for: tuple[str, ...] | None = None  # methods trained with every seed (None: all of them)
+
+    def seeds_for(self, name: str) -> tuple[int, ...]:
+        """The seeds method `name` trains with: all of them, or only the first when the budget says so."""
+        if self.all_seeds_for is None or name in self.all_seeds_for:
+            return self.seeds
+        return self.seeds[:1]
 
 
 RUN_SIZES: dict[str, FamilySizes] = {
-    "cpu": FamilySizes(steps=24, batch_size=8, seeds=(0, 1), eval_per_family=8, heldout_docs=8),
+    # 13 methods x 24 steps of 4 examples fill the cpu chapter's CPU budget; a second seed only for the
+    # three methods the common claims compare ("LoRA reaches 95-99% of full fine-tuning", "QLoRA 90-95%").
+    "cpu": FamilySizes(
+        steps=24,
+        batch_size=4,
+        seeds=(0, 1),
+        eval_per_family=6,
+        heldout_docs=4,
+        all_seeds_for=("full fine-tuning", "LoRA", "QLoRA"),
+    ),
     "spark": FamilySizes(
         steps=300,
         batch_size=4,
@@ -116,7 +129,9 @@ def _p_tuning(sizes: FamilySizes, profile: Profile) -> Any:
     """Virtual-token embeddings produced by a small MLP prompt encoder."""
     from peft import PromptEncoderConfig
 
-    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=sizes.virtual_tokens, encoder_hidden_size=128)
+    return PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=sizes.virtual_tokens, encoder_hidden_size=128
+    )
 
 
 def _ia3(sizes: FamilySizes, profile: Profile) -> Any:
@@ -124,7 +139,9 @@ def _ia3(sizes: FamilySizes, profile: Profile) -> Any:
     from peft import IA3Config
 
     return IA3Config(
-        task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        task_type="CAUSAL_LM",
+        target_modules=["k_proj", "v_proj", "down_proj"],
+        feedforward_modules=["down_proj"],
     )
 
 
@@ -146,7 +163,7 @@ def _adalora(sizes: FamilySizes, profile: Profile) -> Any:
 
 
 def _beft(sizes: FamilySizes, profile: Profile) -> Any:
-    """A zero-initialised bias on every linear layer of the blocks, the only thing trained (BitFit for Llama)."""
+    """A zero-initialised bias on every block linear, the only thing trained (BitFit, for Llama)."""
     from peft import BeftConfig
 
     return BeftConfig(target_modules=list(DEFAULT_TARGETS))
@@ -168,7 +185,9 @@ def _loha(sizes: FamilySizes, profile: Profile) -> Any:
 
 METHODS: tuple[Method, ...] = (
     Method("full fine-tuning", 1e-3, "howard2018ulmfit", trainable=lambda name: True),
-    Method("feature extraction", 3e-3, "howard2018ulmfit", trainable=lambda name: name.startswith("lm_head.")),
+    Method(
+        "feature extraction", 3e-3, "howard2018ulmfit", trainable=lambda name: name.startswith("lm_head.")
+    ),
     Method("BitFit (as added biases)", 1e-2, "zaken2022bitfit", config=_beft),
     Method("prompt tuning", 3e-2, "lester2021prompt", config=_prompt_tuning),
     Method("prefix tuning", 1e-2, "li2021prefix", config=_prefix_tuning),
@@ -192,7 +211,7 @@ def method(name: str) -> Method:
 
 
 def load_4bit(profile: Profile | None = None) -> Any:
-    """The profile's base model with every block linear in 4-bit NF4 (double quantization), as QLoRA loads it."""
+    """The profile's base model with every block linear in 4-bit NF4 (double quantization), as in QLoRA."""
     import bitsandbytes as bnb
     import torch
     from transformers import BitsAndBytesConfig
@@ -216,8 +235,10 @@ def load_4bit(profile: Profile | None = None) -> Any:
     return model
 
 
-def prepare(method: Method, profile: Profile | None = None, sizes: FamilySizes | None = None) -> tuple[Any, Any]:
-    """(model, peft_config) ready for `sft.train_sft`: the base loaded (4-bit for QLoRA) and frozen as needed."""
+def prepare(
+    method: Method, profile: Profile | None = None, sizes: FamilySizes | None = None
+) -> tuple[Any, Any]:
+    """(model, peft_config) ready for `sft.train_sft`: the base (4-bit for QLoRA), frozen as needed."""
     from ftcourse.profiles import load_base
 
     profile = profile or active_profile()
@@ -235,6 +256,30 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()  # peft knows how many values a packed 4-bit tensor holds
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def trainable_at_scale(arch: Any, name: str, sizes: FamilySizes | None = None) -> int:
+    """Trainable parameters of method `name` (as configured here) on a Llama-style `memory.Architecture`."""
+    sizes = sizes or family_sizes(active_profile())
+    shapes = arch.linear_shapes()  # name -> (out_features, in_features) in one decoder layer
+    layers, n = arch.num_layers, sizes.virtual_tokens
+    per_layer = {
+        "full fine-tuning": None,
+        "feature extraction": None,
+        "BitFit (as added biases)": sum(out for out, _ in shapes.values()),  # one bias per output
+        "prefix tuning": 2 * n * arch.kv_width,  # a key and a value vector per virtual token
+        "IA3": 2 * arch.kv_width + arch.intermediate_size,  # scales keys, values, down_proj's input
+        "LoRA": 8 * sum(out + inp for out, inp in shapes.values()),  # rank 8: A (r x in) and B (out x r)
+    }
+    if name == "full fine-tuning":
+        return arch.total_params()
+    if name == "feature extraction":
+        return arch.vocab_size * arch.hidden_size  # the output head
+    if name == "prompt tuning":
+        return n * arch.hidden_size  # one input embedding per virtual token
+    if name not in per_layer:
+        raise ValueError(f"trainable_at_scale knows {sorted([*per_layer, 'prompt tuning'])}, not {name!r}")
+    return layers * per_layer[name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +313,7 @@ def peak_rss_mib() -> float:
 
 
 def step_meter() -> Any:
-    """A Trainer callback timing each optimizer step and taking the memory at the start and peak of training."""
+    """A Trainer callback timing each optimizer step and taking memory at the start and peak of training."""
     import torch
     from transformers import TrainerCallback
 
@@ -308,11 +353,11 @@ def step_meter() -> Any:
 
 
 def adalora_allocator() -> Any:
-    """A Trainer callback calling AdaLoRA's `update_and_allocate` after every optimizer step (no one else does)."""
+    """A Trainer callback calling AdaLoRA's `update_and_allocate` after each optimizer step."""
     from transformers import TrainerCallback
 
     class AdaLoraAllocator(TrainerCallback):
-        """Prunes and reallocates AdaLoRA's ranks between optimizer.step() and zero_grad(), as the method needs."""
+        """Prunes and reallocates AdaLoRA's ranks between optimizer.step() and zero_grad(), as it needs."""
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             # The gradients are still there: AdaLoRA's importance scores are |weight * gradient|.
@@ -345,6 +390,7 @@ class MethodResult:
     raw_hits: tuple[bool, ...] = ()  # the same tasks in the raw pretraining form: retained skill
     perplexity: float = float("nan")  # held-out pretraining text
     error: str = ""  # "ExceptionType: message" when the run failed
+    cpu_seconds: float = 0.0  # CPU time of the whole run's process (load, train, evaluate)
 
     @property
     def ok(self) -> bool:
@@ -370,11 +416,19 @@ def training_records(sizes: FamilySizes, profile: Profile | None = None) -> Any:
     return records.select(range(min(len(records), sizes.steps * sizes.batch_size)))
 
 
-def run_method(name: str, seed: int = 0, profile: Profile | None = None, sizes: FamilySizes | None = None) -> MethodResult:
-    """Train method `name` once with `seed` and measure it; a failure comes back as the result's `error`."""
-    from ftcourse import evaluate, sft
+def run_method(
+    name: str,
+    seed: int = 0,
+    profile: Profile | None = None,
+    sizes: FamilySizes | None = None,
+    texts: Sequence[str] | None = None,
+) -> MethodResult:
+    """Train method `name` once with `seed` and measure it; a failure comes back as the result's `error`.
+
+    `texts` is the held-out text for perplexity (built from the profile when not given).
+    """
+    from ftcourse import sft
     from ftcourse.profiles import load_tokenizer
-    from ftcourse.toy.tasks import build_tasks
 
     profile = profile or active_profile()
     sizes = sizes or family_sizes(profile)
@@ -403,10 +457,7 @@ def run_method(name: str, seed: int = 0, profile: Profile | None = None, sizes: 
             profile=profile,
             progress=False,
         )
-        tasks = build_tasks("test", sizes.eval_per_family)
-        chat = evaluate.exact_match(run.model, tokenizer, tasks)
-        raw = evaluate.exact_match(run.model, tokenizer, tasks, form="raw")
-        perplexity = evaluate.perplexity(run.model, tokenizer, evaluate.heldout_texts(sizes.heldout_docs, profile))
+        chat, raw, perplexity = measure(run.model, tokenizer, sizes, profile, texts)
     except Exception as error:  # the chapter shows a failing method's real error instead of hiding the row
         return MethodResult(name, seed, learning_rate=chosen.learning_rate, error=_error_text(error))
     trainable, total = trainable_parameters(run.model)
@@ -424,12 +475,65 @@ def run_method(name: str, seed: int = 0, profile: Profile | None = None, sizes: 
         chat.hits,
         raw.hits,
         perplexity,
+        cpu_seconds=_cpu_seconds(),
     )
+
+
+def _cpu_seconds() -> float:
+    """User plus system CPU seconds this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _WithoutVirtualTokens:
+    """A prompt-tuned model whose logits drop the virtual-token positions peft puts in front."""
+
+    def __init__(self, model: Any, n_virtual: int) -> None:
+        self.model, self.n_virtual, self.device = model, n_virtual, model.device
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The wrapped model's output with logits for the real tokens only, (B, T, V)."""
+        output = self.model(**inputs)
+        output.logits = output.logits[:, self.n_virtual :]
+        return output
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    sizes: FamilySizes,
+    profile: Profile | None = None,
+    texts: Sequence[str] | None = None,
+) -> tuple[Any, Any, float]:
+    """(chat, raw) exact-match reports on the held-out test tasks and perplexity on held-out text."""
+    from ftcourse import evaluate
+    from ftcourse.toy.tasks import build_tasks
+
+    tasks = build_tasks("test", sizes.eval_per_family)
+    # One generate call for both forms: the batch costs about what either form alone does.
+    prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks] + [t.raw_prompt for t in tasks]
+    replies = evaluate.generate(model, tokenizer, prompts, batch_size=len(prompts))
+    chat, raw = (
+        evaluate.score_replies(replies[: len(tasks)], tasks),
+        evaluate.score_replies(replies[len(tasks) :], tasks),
+    )
+    config = getattr(model, "active_peft_config", None)
+    scorer = model
+    if config is not None and config.is_prompt_learning and config.peft_type.value != "PREFIX_TUNING":
+        # Prompt and P-tuning prepend their virtual tokens to the input, so the logits are longer than
+        # the text by that many positions; prefix tuning adds keys and values instead and needs no cut.
+        scorer = _WithoutVirtualTokens(model, config.num_virtual_tokens)
+    if texts is None:
+        texts = evaluate.heldout_texts(sizes.heldout_docs, profile)
+    perplexity = evaluate.perplexity(scorer, tokenizer, texts)
+    return chat, raw, perplexity
 
 
 def _error_text(error: BaseException) -> str:
     """'Type: message' of an exception, plus the innermost frame outside this module (file:line)."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.endswith("peft_family.py")]
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if not f.filename.endswith("peft_family.py")
+    ]
     where = ""
     if frames:
         frame = frames[-1]
@@ -444,33 +548,224 @@ def _error_text(error: BaseException) -> str:
 
 
 def _quiet_worker() -> None:
-    """Send a worker's own stdout/stderr (library warnings, kernel notices) to a log file, not the notebook."""
+    """Send a worker's own stdout/stderr (library warnings) to a log file instead of the notebook."""
     log = tempfile.NamedTemporaryFile(prefix="ftcourse-worker-", suffix=".log", delete=False)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = open(log.name, "w", buffering=1)  # noqa: SIM115 (lives as long as the worker)
 
 
-def fresh_executor() -> ProcessPoolExecutor:
-    """A pool whose every task runs in a new process forked from a server that has only imported libraries."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOAD))
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1, initializer=_quiet_worker)
+def _worker(connection: Any, name: str, seed: int, profile: Profile, sizes: FamilySizes, texts: Any) -> None:
+    """Body of a fresh process: run one method and send its result back through `connection`."""
+    _quiet_worker()
+    try:
+        result = run_method(name, seed, profile, sizes, texts)
+    except BaseException as error:  # noqa: BLE001 (anything, even a KeyboardInterrupt, goes back as a row)
+        result = MethodResult(name, seed, error=_error_text(error))
+    connection.send(result)
+    connection.close()
+
+
+def run_in_fresh_process(
+    name: str,
+    seed: int = 0,
+    profile: Profile | None = None,
+    sizes: FamilySizes | None = None,
+    texts: Sequence[str] | None = None,
+) -> MethodResult:
+    """`run_method` in a new process forked from this one; call it before this process loads any model."""
+    import torch
+
+    profile = profile or active_profile()
+    sizes = sizes or family_sizes(profile)
+    if name in sizes.skip:
+        return MethodResult(name, seed, error=f"not run on the {profile.name} profile: {sizes.skip[name]}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        raise RuntimeError(
+            "CUDA is already initialised in this process, and a forked child cannot use it. "
+            "Run the fresh-process measurements before anything touches the GPU (restart the kernel)."
+        )
+    # fork, not spawn: the child starts with the libraries this process has imported (no second import
+    # bill) but with none of the memory a model or a training run allocates, which is what we measure.
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_worker, args=(sender, name, seed, profile, sizes, texts))
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:  # the child died without answering: killed for memory, or a crash in native code
+        process.join()
+        return MethodResult(name, seed, error=f"worker process died with exit code {process.exitcode}")
+    process.join()
+    return result
+
+
+def preload() -> None:
+    """Import the training libraries in this process, once, so that every forked run starts with them."""
+    import peft  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
 
 
 def run_fresh(
-    names: Sequence[str], seeds: Sequence[int] = (0,), profile: Profile | None = None, sizes: FamilySizes | None = None
+    names: Sequence[str],
+    profile: Profile | None = None,
+    sizes: FamilySizes | None = None,
+    texts: Sequence[str] | None = None,
 ) -> list[MethodResult]:
-    """`run_method` for every name and seed, each in a fresh process, in order (methods outer, seeds inner)."""
+    """Every method in `names` with its seeds, each run in a fresh process (methods outer, seeds inner)."""
+    from ftcourse import evaluate
+
     profile = profile or active_profile()
     sizes = sizes or family_sizes(profile)
-    results = []
-    with fresh_executor() as pool:
-        for name in names:
-            for seed in seeds:
-                if name in sizes.skip:
-                    results.append(MethodResult(name, seed, error=f"not run on this profile: {sizes.skip[name]}"))
-                    continue
-                results.append(pool.submit(run_method, name, seed, profile, sizes).result())
-    return results
+    texts = list(texts) if texts is not None else evaluate.heldout_texts(sizes.heldout_docs, profile)
+    preload()
+    return [
+        run_in_fresh_process(name, seed, profile, sizes, texts)
+        for name in names
+        for seed in sizes.seeds_for(name)
+    ]
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The table and the plot
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The untrained base model on the same measurements: chat and raw exact match, perplexity."""
+
+    chat_hits: tuple[bool, ...]
+    raw_hits: tuple[bool, ...]
+    perplexity: float
+
+
+def baseline(model: Any, tokenizer: Any, sizes: FamilySizes, texts: Sequence[str]) -> Baseline:
+    """The base model's Baseline on the comparison's test tasks and held-out texts."""
+    chat, raw, perplexity = measure(model, tokenizer, sizes, texts=texts)
+    return Baseline(chat.hits, raw.hits, perplexity)
+
+
+def _share(hits: Sequence[bool]) -> float:
+    """The fraction of True in `hits`."""
+    return sum(hits) / len(hits)
+
+
+def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, Any]]:
+    """One row per method (in the order of `results`): numbers over its seeds, or its first error."""
+    from ftcourse.evaluate import wilson_interval
+
+    grouped: dict[str, list[MethodResult]] = {}
+    for result in results:
+        grouped.setdefault(result.method, []).append(result)
+    rows = []
+    for name, runs in grouped.items():
+        done = [r for r in runs if r.ok]
+        if not done:
+            rows.append({"method": name, "error": runs[0].error, "seeds": len(runs)})
+            continue
+        first = done[0]
+        chat = [r.chat_accuracy for r in done]
+        low, high = wilson_interval(sum(first.chat_hits), len(first.chat_hits))
+        rows.append(
+            {
+                "method": name,
+                "trainable": first.trainable,
+                "trainable_share": first.trainable / first.total,
+                "learning_rate": first.learning_rate,
+                "start_mib": statistics.mean(r.start_mib for r in done),
+                "peak_mib": statistics.mean(r.peak_mib for r in done),
+                "step_seconds": statistics.median(r.step_seconds for r in done),
+                "chat": statistics.mean(chat),
+                "chat_low": low,  # Wilson 95% interval of the first seed: the test set's own uncertainty
+                "chat_high": high,
+                "chat_min": min(chat),
+                "chat_max": max(chat),
+                "seeds": len(done),
+                "raw_change": statistics.mean(r.raw_accuracy for r in done) - _share(base.raw_hits),
+                "perplexity": statistics.mean(r.perplexity for r in done),
+                "error": "" if len(done) == len(runs) else next(r.error for r in runs if not r.ok),
+            }
+        )
+    return rows
+
+
+def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
+    """The summary as a formatted pandas DataFrame for the chapter (percentages, MiB, milliseconds)."""
+    import pandas as pd
+
+    table = []
+    for row in rows:
+        if "trainable" not in row:
+            table.append({"method": row["method"], "error": row["error"]})
+            continue
+        spread = (
+            f"{100 * row['chat_min']:.0f}–{100 * row['chat_max']:.0f}" if row["seeds"] > 1 else "one seed"
+        )
+        table.append(
+            {
+                "method": row["method"],
+                "trainable": f"{row['trainable']:,}",
+                "% of model": f"{100 * row['trainable_share']:.3g}",
+                "lr": f"{row['learning_rate']:.0e}",
+                "peak MiB": f"{row['peak_mib']:.0f}",
+                "ms/step": f"{1000 * row['step_seconds']:.0f}",
+                "chat EM % [95% CI]": f"{100 * row['chat']:.0f} [{100 * row['chat_low']:.0f}, "
+                f"{100 * row['chat_high']:.0f}]",
+                "over seeds": spread,
+                "raw EM change (points)": f"{100 * row['raw_change']:+.0f}",
+                "perplexity": f"{row['perplexity']:.2f}",
+                "error": row["error"],
+            }
+        )
+    table.append(
+        {
+            "method": "base model (untrained)",
+            "chat EM % [95% CI]": f"{100 * _share(base.chat_hits):.0f}",
+            "raw EM change (points)": f"{100 * _share(base.raw_hits):.0f} % (base)",
+            "perplexity": f"{base.perplexity:.2f}",
+        }
+    )
+    return pd.DataFrame(table).fillna("").set_index("method")
+
+
+def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
+    """Figure: held-out chat exact match against trainable parameters (log scale), one point per method."""
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(7.5, 4.5))
+    done = [r for r in rows if "trainable" in r]
+    for row in done:
+        ax.errorbar(
+            row["trainable"],
+            100 * row["chat"],
+            yerr=[[100 * (row["chat"] - row["chat_min"])], [100 * (row["chat_max"] - row["chat"])]],
+            fmt="o",
+            capsize=3,
+            color="tab:blue" if row["seeds"] == 1 else "tab:orange",
+        )
+        ax.annotate(
+            row["method"],
+            (row["trainable"], 100 * row["chat"]),
+            fontsize=8,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    ax.axhline(100 * _share(base.chat_hits), color="grey", linestyle="--", linewidth=1)
+    ax.text(
+        ax.get_xlim()[0] if done else 1,
+        100 * _share(base.chat_hits),
+        " base model",
+        va="bottom",
+        color="grey",
+        fontsize=8,
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("held-out chat exact match (%)")
+    ax.set_title("Same data, same steps: accuracy against trainable parameters")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 
 def accuracy_bars(
@@ -212,9 +213,34 @@ def estimate_vs_measured(measured: Sequence[float], estimated: Sequence[float], 
     ax.set_yscale("log")
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low <= t <= high]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda t, _: f"{t:g}"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("measured peak (GiB)")
     ax.set_ylabel("fit_check estimate (GiB)")
     ax.legend(frameon=False, fontsize=7.5, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def preference_curves(
+    histories: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str], titles: Sequence[str] = ()
+) -> Figure:
+    """One panel per logged key (e.g. rewards/margins), one line per run, from TRL trainers' log histories."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.9), squeeze=False)
+    for i, (ax, key) in enumerate(zip(axes[0], keys, strict=True)):
+        for label, history in histories.items():
+            points = [(log["step"], log[key]) for log in history if key in log and "step" in log]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", ms=2.5, lw=1.1, label=label)
+        ax.set_title(titles[i] if i < len(titles) else key, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7.5)
+        ax.spines[["top", "right"]].set_visible(False)
+    if len(histories) > 1:
+        axes[0][-1].legend(frameon=False, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig

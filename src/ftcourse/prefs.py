@@ -8,10 +8,16 @@ These functions exist to be read and tested against TRL; `preference_trainer` tr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +32,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
 @dataclass(frozen=True)
 class SequenceLogprobs:
-    """Per-sequence log-probabilities: over the completion tokens, and over every real token (for ORPO's NLL)."""
+    """Per-sequence log-probabilities over the completion tokens, and over every real token (ORPO's NLL)."""
 
     total: torch.Tensor  # (B,) sum of log p(token) over completion tokens
     n_tokens: torch.Tensor  # (B,) completion tokens in each row
@@ -50,19 +56,21 @@ def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(
-            f"batch is missing {missing}; it needs {list(BATCH_KEYS)} (TRL's DPO/KTO collators produce them), "
+            f"batch is missing {missing}; it needs {list(BATCH_KEYS)} (TRL's DPO/KTO collators make them), "
             f"got keys {sorted(batch)}"
         )
     shapes = {k: tuple(batch[k].shape) for k in BATCH_KEYS}
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"input_ids, attention_mask and completion_mask must have one shape (B, T), got {shapes}")
+        raise ValueError(
+            f"input_ids, attention_mask and completion_mask must have one shape (B, T), got {shapes}"
+        )
     empty = (batch["completion_mask"][:, 1:].sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"rows {empty} have no completion tokens to score: check the completion_mask")
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogprobs:
-    """Log-probabilities of each row's completion under `model`, prompt and padding masked, summed and counted."""
+    """Log-probabilities of each row's completion under `model` (prompt, padding masked): sums, counts."""
     _check_batch(batch)
     input_ids = batch["input_ids"]
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -81,7 +89,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor])
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """A loss value and what trainers log with it: implicit rewards of each side, their margin and accuracy."""
+    """A loss value and what trainers log with it: implicit rewards of each side, margins and accuracy."""
 
     loss: torch.Tensor  # scalar: what the optimizer minimises
     chosen_rewards: torch.Tensor  # (B,) detached
@@ -124,8 +132,16 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float = 0.1,
 ) -> PreferenceLoss:
-    """DPO: mean of -log sigmoid(beta * ((c - c_ref) - (r - r_ref))) on summed log-probs; rewards beta * (c - c_ref)."""
-    _same_shape(chosen=chosen_logps, rejected=rejected_logps, ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps)
+    """DPO on summed log-probs: returns the loss and the rewards beta * (c - c_ref), beta * (r - r_ref).
+
+    loss = mean of -log sigmoid(beta * ((c - c_ref) - (r - r_ref))).
+    """
+    _same_shape(
+        chosen=chosen_logps,
+        rejected=rejected_logps,
+        ref_chosen=ref_chosen_logps,
+        ref_rejected=ref_rejected_logps,
+    )
     chosen_logratios = chosen_logps - ref_chosen_logps  # log pi(y_w|x) / pi_ref(y_w|x)
     rejected_logratios = rejected_logps - ref_rejected_logps
     loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
@@ -135,7 +151,7 @@ def dpo_loss(
 def simpo_loss(
     chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float = 2.0, gamma: float = 1.0
 ) -> PreferenceLoss:
-    """SimPO: mean of -log sigmoid(beta * (c_avg - r_avg) - gamma) on per-token averages; rewards beta * avg."""
+    """SimPO: mean of -log sigmoid(beta (c_avg - r_avg) - gamma) on per-token averages; rewards beta avg."""
     _same_shape(chosen=chosen_avg_logps, rejected=rejected_avg_logps)
     loss = -F.logsigmoid(beta * (chosen_avg_logps - rejected_avg_logps) - gamma).mean()
     return PreferenceLoss(loss, beta * chosen_avg_logps.detach(), beta * rejected_avg_logps.detach())
@@ -166,10 +182,16 @@ def orpo_loss(
     Rewards are lam * avg, as TRL logs them.
     """
     _same_shape(chosen=chosen_avg_logps, rejected=rejected_avg_logps)
-    log_odds = (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
+    log_odds = (chosen_avg_logps - rejected_avg_logps) - (
+        log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps)
+    )
     ratio = F.logsigmoid(log_odds)
     loss = nll - lam * ratio.mean()
-    extra = {"nll_loss": nll.item(), "log_odds_ratio": ratio.mean().item(), "log_odds_chosen": log_odds.mean().item()}
+    extra = {
+        "nll_loss": nll.item(),
+        "log_odds_ratio": ratio.mean().item(),
+        "log_odds_chosen": log_odds.mean().item(),
+    }
     return PreferenceLoss(loss, lam * chosen_avg_logps.detach(), lam * rejected_avg_logps.detach(), extra)
 
 
@@ -205,7 +227,7 @@ def kto_loss(
 METHODS: tuple[str, ...] = ("dpo", "simpo", "orpo", "kto")
 NEEDS_REFERENCE: dict[str, bool] = {"dpo": True, "simpo": False, "orpo": False, "kto": True}
 NEEDS_PAIRS: dict[str, bool] = {"dpo": True, "simpo": True, "orpo": True, "kto": False}
-# Each method's strength (beta; ORPO's lambda is TRL's `beta` too) and SimPO's margin, as the chapters use them.
+# Each method's strength (beta; ORPO's lambda is TRL's `beta` too) and SimPO's margin, as the chapters use.
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "gamma": 1.0},
@@ -214,7 +236,9 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
-def _config(method: str, options: dict[str, Any], beta: float, gamma: float, kto_weights: tuple[float, float]):
+def _config(
+    method: str, options: dict[str, Any], beta: float, gamma: float, kto_weights: tuple[float, float]
+):
     """The TRL config object for `method`, with the shared training options."""
     if method == "dpo":
         from trl import DPOConfig
@@ -223,14 +247,22 @@ def _config(method: str, options: dict[str, Any], beta: float, gamma: float, kto
     if method == "kto":
         from trl import KTOConfig
 
-        return KTOConfig(**options, beta=beta, desirable_weight=kto_weights[0], undesirable_weight=kto_weights[1])
+        return KTOConfig(
+            **options, beta=beta, desirable_weight=kto_weights[0], undesirable_weight=kto_weights[1]
+        )
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental warns on import otherwise
     if method == "simpo":
         from trl.experimental.cpo import CPOConfig
 
         # cpo_alpha=0 drops CPO's extra NLL term: the default 1.0 would be "CPO-SimPO", not SimPO.
-        return CPOConfig(**options, loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma,
-                         remove_unused_columns=False)
+        return CPOConfig(
+            **options,
+            loss_type="simpo",
+            cpo_alpha=0.0,
+            beta=beta,
+            simpo_gamma=gamma,
+            remove_unused_columns=False,
+        )
     from trl.experimental.orpo import ORPOConfig
 
     return ORPOConfig(**options, beta=beta, remove_unused_columns=False)
@@ -294,7 +326,8 @@ def preference_trainer(
     gamma = defaults.get("gamma", 0.0) if gamma is None else gamma
     if peft_config == "lora":
         peft_config = lora_config()
-    if peft_config is None and NEEDS_REFERENCE[method] and ref_model is None:
+    already_peft = hasattr(model, "disable_adapter")  # a PeftModel: its adapter off is the reference
+    if peft_config is None and NEEDS_REFERENCE[method] and ref_model is None and not already_peft:
         raise ValueError(
             f"full fine-tuning with {method!r} needs a frozen reference: pass ref_model=copy.deepcopy(model)"
         )
@@ -346,7 +379,9 @@ def collate_pairs(tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> dict[
             full = tokenizer.apply_chat_template(list(record["prompt"]) + list(record[side]))
             prompt, full = _ids(prompt), _ids(full)
             if full[: len(prompt)] != prompt:
-                raise ValueError(f"the chat template renders the prompt differently inside {side!r}: {record}")
+                raise ValueError(
+                    f"the chat template renders the prompt differently inside {side!r}: {record}"
+                )
             rows.append(full)
             masks.append([0] * len(prompt) + [1] * (len(full) - len(prompt)))
     width = max(len(r) for r in rows)
@@ -374,13 +409,16 @@ def pair_logprobs(
         parts.append(sequence_logprobs(model, batch).halves())
     joined = []
     for side in (0, 1):
-        fields = zip(*[(p[side].total, p[side].n_tokens, p[side].all_total, p[side].all_tokens) for p in parts])
+        fields = zip(
+            *[(p[side].total, p[side].n_tokens, p[side].all_total, p[side].all_tokens) for p in parts],
+            strict=True,
+        )
         joined.append(SequenceLogprobs(*(torch.cat(list(f)) for f in fields)))
     return joined[0], joined[1]
 
 
 def implicit_reward_accuracy(peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> float:
-    """Fraction of pairs whose DPO implicit reward log pi/pi_ref is higher for `chosen` (reference: adapter off).
+    """Fraction of pairs whose DPO implicit reward log pi/pi_ref is higher for `chosen` (ref: adapter off).
 
     Method-neutral: it asks whether training moved the chosen reply up relative to the rejected one,
     measured against the model training started from, whatever loss did the moving. Ties count as misses.
@@ -390,3 +428,276 @@ def implicit_reward_accuracy(peft_model: Any, tokenizer: Any, records: Sequence[
         ref_chosen, ref_rejected = pair_logprobs(peft_model, tokenizer, records)
     margins = (chosen.total - ref_chosen.total) - (rejected.total - ref_rejected.total)
     return (margins > 0).float().mean().item()
+
+
+# The book's standard preference runs: one recipe per profile, trained once and cached like quick_sft.
+
+# Sizes per profile. cpu: 320 training pairs (40 tasks per family, both kinds), 20 steps of 8 pairs, LoRA on
+# the quick SFT; about 8-12 CPU-seconds a run. spark: hub preference data at real sizes on Llama-3.1-8B.
+RUN_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "train_per_family": 40,
+        "steps": 20,
+        "batch_size": 8,
+        "learning_rate": 3e-4,
+        "eval_per_family": 25,
+        "eval_pairs_per_family": 10,
+    },
+    "spark": {
+        "train_per_family": 1000,
+        "steps": 500,
+        "batch_size": 4,
+        "learning_rate": 5e-6,
+        "eval_per_family": 200,
+        "eval_pairs_per_family": 100,
+    },
+}
+KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # one thumbs-up per four thumbs-down
+KTO_WEIGHTS = (4.0, 1.0)  # lambda_D, lambda_U: lambda_D n_D / (lambda_U n_U) = 1, inside the paper's [1, 4/3]
+
+
+@dataclass
+class PreferenceRun:
+    """A trained preference policy: the model (SFT start + adapter), its training log, cost and evaluation."""
+
+    method: str
+    recipe: dict[str, Any]
+    model: Any = None  # a PeftModel; the adapter switched off gives the SFT start point
+    history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's log (rewards, margins, ...)
+    seconds: float = 0.0  # wall time of training
+    cpu_seconds: float = 0.0  # process CPU time of training
+    evaluation: dict[str, Any] = field(default_factory=dict)  # see evaluate_policy
+
+
+def train_records(method: str, profile: Profile | None = None, per_family: int | None = None) -> list[dict]:
+    """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO)."""
+    from ftcourse.toy import preferences as toy_prefs
+
+    profile = profile or active_profile()
+    if profile.uses_network:  # spark: the profile's hub datasets
+        from ftcourse import data
+
+        schema = "feedback" if method == "kto" else "preference"
+        return list(data.load_records(schema, "train", size=4 * (per_family or 1000), profile=profile))
+    pairs = toy_prefs.preference_pairs("train", per_family or RUN_SIZES["cpu"]["train_per_family"])
+    if method == "kto":
+        return toy_prefs.feedback_records(pairs, KTO_DESIRABLE_PER_UNDESIRABLE)
+    return toy_prefs.preference_records(pairs)
+
+
+def heldout_pairs(per_family: int, kind: str | None = None) -> list[dict[str, Any]]:
+    """Held-out (test split) preference records of the task world, of one kind or all."""
+    from ftcourse.toy import preferences as toy_prefs
+
+    kinds = (kind,) if kind else tuple(toy_prefs.KINDS)
+    return toy_prefs.preference_records(toy_prefs.preference_pairs("test", per_family, kinds=kinds))
+
+
+def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = None) -> dict[str, Any]:
+    """Held-out exact match (hits kept for paired tests) and implicit-reward accuracy per kind of pair."""
+    from ftcourse import evaluate
+    from ftcourse.toy import preferences as toy_prefs
+    from ftcourse.toy.tasks import build_tasks
+
+    profile = profile or active_profile()
+    sizes = RUN_SIZES[profile.name]
+    report = evaluate.exact_match(peft_model, tokenizer, build_tasks("test", sizes["eval_per_family"]))
+    accuracy = {
+        kind: implicit_reward_accuracy(
+            peft_model, tokenizer, heldout_pairs(sizes["eval_pairs_per_family"], kind)
+        )
+        for kind in toy_prefs.KINDS
+    }
+    return {
+        "exact_match": report.overall,
+        "by_family": report.by_family,
+        "hits": list(report.hits),
+        "pair_accuracy": accuracy,
+    }
+
+
+def run_recipe(
+    method: str, seed: int = 0, profile: Profile | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The full recipe of a standard run: sizes of the profile, the method's defaults, and any overrides."""
+    profile = profile or active_profile()
+    recipe = {"method": method, "seed": seed, **RUN_SIZES[profile.name], **METHOD_DEFAULTS[method]}
+    if method == "kto":
+        recipe |= {
+            "kto_weights": list(KTO_WEIGHTS),
+            "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE,
+        }
+    unknown = [k for k in overrides if k not in recipe and k != "peft"]
+    if unknown:
+        raise ValueError(f"unknown recipe keys {unknown}; a {method} run has {sorted(recipe)}")
+    return {**recipe, "peft": "lora", **overrides}
+
+
+def _run_dir(recipe: dict[str, Any], profile: Profile) -> Path:
+    from ftcourse import sft
+
+    key = json.dumps({"recipe": recipe, "start": sft.quick_cache_dir(profile).name}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return sft.cache_root() / f"prefs-{recipe['method']}-{profile.name}-{digest}"
+
+
+def sft_start(profile: Profile | None = None) -> Any:
+    """The quick SFT model with its LoRA merged in: where every preference run starts, and DPO's reference."""
+    from ftcourse import sft
+
+    model = sft.quick_sft(profile=profile).model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def preference_run(
+    method: str, seed: int = 0, *, profile: Profile | None = None, load_model: bool = True, **overrides: Any
+) -> PreferenceRun:
+    """The standard run of `method` (recipe: `run_recipe`), trained once and then reloaded from the cache.
+
+    The adapter, training log, timings and evaluation are cached under `_build/ftcourse-cache`, keyed by
+    the recipe and the quick SFT start point. `load_model=False` returns the cached summary alone.
+    """
+    from ftcourse import profiles, sft
+
+    profile = profile or active_profile()
+    recipe = run_recipe(method, seed, profile, **overrides)
+    folder = _run_dir(recipe, profile)
+    tokenizer = profiles.load_tokenizer(profile=profile)
+    if (folder / "run.json").is_file():
+        saved = json.loads((folder / "run.json").read_text())
+        model = sft.load_adapter(sft_start(profile), folder) if load_model else None
+        return PreferenceRun(
+            method,
+            recipe,
+            model,
+            saved["history"],
+            saved["seconds"],
+            saved["cpu_seconds"],
+            saved["evaluation"],
+        )
+    from datasets import Dataset
+
+    start = sft_start(profile)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = preference_trainer(
+            method,
+            start,
+            tokenizer,
+            Dataset.from_list(train_records(method, profile, recipe["train_per_family"])),
+            beta=recipe["beta"],
+            gamma=recipe.get("gamma"),
+            kto_weights=tuple(recipe.get("kto_weights", (1, 1))),
+            learning_rate=recipe["learning_rate"],
+            steps=recipe["steps"],
+            batch_size=recipe["batch_size"],
+            seed=seed,
+            output_dir=scratch,
+            profile=profile,
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    model = trainer.model
+    model.eval()
+    run = PreferenceRun(
+        method,
+        recipe,
+        model,
+        list(trainer.state.log_history),
+        wall,
+        cpu,
+        evaluate_policy(model, tokenizer, profile),
+    )
+    _save_run(run, folder)
+    return run
+
+
+def _save_run(run: PreferenceRun, folder: Path) -> None:
+    """Adapter and run.json into a temporary sibling folder, renamed into place (atomic)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        run.model.save_pretrained(str(partial), safe_serialization=True)
+        summary = {
+            "recipe": run.recipe,
+            "history": run.history,
+            "seconds": run.seconds,
+            "cpu_seconds": run.cpu_seconds,
+            "evaluation": run.evaluation,
+        }
+        (partial / "run.json").write_text(json.dumps(summary, indent=1))
+        try:
+            os.rename(partial, folder)
+        except OSError:
+            if not (folder / "run.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@torch.no_grad()
+def trl_comparison(
+    method: str, trainer: Any, n_rows: int = 4, adapter_from: Any = None
+) -> dict[str, tuple[float, float]]:
+    """Our loss and logged values next to TRL's on one batch of `trainer`'s data: {name: (ours, trl)}.
+
+    The batch is TRL's own (its collator on its tokenized rows); ours reads the same tensors through
+    `sequence_logprobs` and this module's loss. For DPO and KTO the reference is the adapter switched off.
+    `adapter_from` (a trained PeftModel) copies its LoRA weights into the trainer's fresh adapter first, so
+    the comparison runs on a trained policy. (Handing TRL the trained PeftModel itself would not do: TRL
+    then keeps a copy of that adapter as the reference, and the policy equals its reference.)
+    """
+    model = trainer.model
+    if adapter_from is not None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, get_peft_model_state_dict(adapter_from))
+    model.eval()
+    rows = [trainer.train_dataset[i] for i in range(n_rows)]
+    args = trainer.args
+    if method in ("simpo", "orpo"):
+        raw = trainer.data_collator(rows)
+        pad = getattr(trainer, "padding_value", None)  # ORPO's name for it; CPO calls it pad_token_id
+        joined = trainer.concatenated_inputs(raw, padding_value=trainer.pad_token_id if pad is None else pad)
+        batch = {
+            "input_ids": joined["concatenated_input_ids"],
+            "attention_mask": joined["concatenated_attention_mask"],
+            "completion_mask": (joined["concatenated_labels"] != -100).long(),
+        }
+        trl_loss, logged = trainer.get_batch_loss_metrics(model, raw)
+        chosen, rejected = sequence_logprobs(model, batch).halves()
+        if method == "simpo":
+            ours = simpo_loss(chosen.mean, rejected.mean, beta=args.beta, gamma=args.simpo_gamma)
+        else:
+            ours = orpo_loss(chosen.mean, rejected.mean, orpo_nll(chosen, include_prompt=True), lam=args.beta)
+        logged = {k: float(v) for k, v in logged.items()}
+    else:
+        batch = trainer.data_collator(rows)
+        trainer._metrics["eval"].clear()  # model.eval() makes TRL log under "eval"
+        trl_loss = trainer.compute_loss(model, batch)
+        logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+        policy = sequence_logprobs(model, batch)
+        with model.disable_adapter():
+            ref = sequence_logprobs(model, batch)
+        if method == "dpo":
+            (c, r), (c_ref, r_ref) = policy.halves(), ref.halves()
+            ours = dpo_loss(c.total, r.total, c_ref.total, r_ref.total, beta=args.beta)
+        else:
+            kl = {k: batch[f"KL_{k}"] for k in BATCH_KEYS}
+            kl_policy = sequence_logprobs(model, kl).total
+            with model.disable_adapter():
+                kl_ref = sequence_logprobs(model, kl).total
+            labels = torch.as_tensor(batch["label"], dtype=torch.bool)
+            ours = kto_loss(
+                policy.total,
+                ref.total,
+                labels,
+                kto_reference_point(kl_policy, kl_ref),
+                beta=args.beta,
+                desirable_weight=args.desirable_weight,
+                undesirable_weight=args.undesirable_weight,
+            )
+    return {"loss": (ours.loss.item(), float(trl_loss))} | {
+        key: (value, logged[key]) for key, value in ours.metrics().items() if key != "loss" and key in logged
+    }

@@ -7,13 +7,16 @@ datasets at real sizes in bf16, for an NVIDIA DGX Spark. `FTCOURSE_MODEL` overri
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ftcourse.toy import model_dir as toy_model_dir
 
@@ -76,12 +79,43 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+# What huggingface_hub, transformers, datasets and TRL read to stay off the network. TRL's trainers call
+# huggingface_hub.send_telemetry (a HEAD request to huggingface.co) on construction; hub lookups for a
+# local folder are skipped only in offline mode. The libraries read these variables once, at import.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def stay_offline(profile: Profile) -> bool:
+    """For a profile that never uses the network, switch the HF libraries to offline mode; True if it did."""
+    if profile.uses_network:
+        return False
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    # A library imported before this point has already read the variables: set its constants as well.
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+        hub_constants.HF_HUB_DISABLE_TELEMETRY = True
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        datasets_config.HF_HUB_OFFLINE = True
+        datasets_config.HF_DATASETS_OFFLINE = True
+    return True
+
+
 def active_profile(environ: Mapping[str, str] | None = None) -> Profile:
     """The profile named by FTCOURSE_PROFILE (default `cpu`)."""
     environ = os.environ if environ is None else environ
     name = environ.get(PROFILE_ENV, "cpu").strip().lower() or "cpu"
     if name not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}.")
+    if environ is os.environ:
+        stay_offline(PROFILES[name])
     return PROFILES[name]
 
 
@@ -93,7 +127,7 @@ def resolve_model(
     profile = profile or active_profile(environ)
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    override = environ.get(MODEL_ENV, "").strip()
+    override = os.path.expanduser(environ.get(MODEL_ENV, "").strip())
     model = override or profile.models[role]
     if model == "embedded":
         return str(toy_model_dir())
@@ -103,7 +137,36 @@ def resolve_model(
             f"Point {MODEL_ENV} at a folder with config.json and safetensors weights, "
             f"or set {PROFILE_ENV}=spark to allow hub downloads."
         )
+    if Path(model).is_dir():
+        check_model_folder(model, what=f"{MODEL_ENV}={model!r}" if override else repr(model))
     return model
+
+
+def check_model_folder(folder: str | os.PathLike, what: str = "the model folder") -> Path:
+    """The folder as a Path, checked to hold a loadable model; raises ValueError saying what is wrong."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{what} is a PEFT adapter folder, not a model: point {MODEL_ENV} at the base model, and "
+            f"load the adapter on top of it (peft.PeftModel.from_pretrained), or merge it first "
+            f"(ftcourse export)."
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{what} has no config.json: save the model there with save_pretrained(folder).")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what}: config.json is not valid JSON ({error}).") from error
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{what} has no *.safetensors weights: save the model with save_pretrained(folder).")
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt") as reader:
+                list(reader.keys())
+        except SafetensorError as error:  # empty, truncated or not safetensors at all
+            raise ValueError(f"{what}: {file.name} is damaged ({error}); save the model again.") from error
+    return folder
 
 
 def _offline_kwargs(profile: Profile) -> dict[str, Any]:
@@ -150,3 +213,9 @@ def describe(profile: Profile | None = None) -> str:
         ("switch", f"set `{PROFILE_ENV}=spark` (and optionally `{MODEL_ENV}`) before starting Jupyter"),
     ]
     return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+try:  # at import: before a chapter's first transformers or TRL import reads the variables
+    stay_offline(active_profile())
+except ValueError:  # an unknown FTCOURSE_PROFILE: active_profile() says so when a chapter asks for it
+    pass

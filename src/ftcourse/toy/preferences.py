@@ -82,7 +82,7 @@ def make_pair(task: Task, kind: str, which_wrong: int = 0) -> PreferencePair:
 def preference_pairs(
     split: str, per_family: int, kinds: tuple[str, ...] = tuple(KINDS), seed: int = WORLD_SEED
 ) -> list[PreferencePair]:
-    """One pair of every kind for each task of `split`, shuffled with `seed`; identical for identical arguments."""
+    """One pair of every kind for each task of `split`, shuffled with `seed` (same arguments, same pairs)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty selection of {sorted(KINDS)}, got {list(kinds)}")
@@ -112,7 +112,11 @@ def feedback_records(
     for i, pair in enumerate(pairs):
         prompt = [{"role": "user", "content": pair.task.prompt}]
         records.append(
-            {"prompt": prompt, "completion": [{"role": "assistant", "content": pair.rejected}], "label": False}
+            {
+                "prompt": prompt,
+                "completion": [{"role": "assistant", "content": pair.rejected}],
+                "label": False,
+            }
         )
         if i < n_desirable:
             completion = [{"role": "assistant", "content": pair.chosen}]
