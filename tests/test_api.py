@@ -6,6 +6,7 @@ inputs of that generator (module discovery, docstrings, type hints, the toc glob
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -26,7 +27,7 @@ ROLE = re.compile(r"\{py:(func|class|meth|mod|attr|data|obj)\}`~?([^`<]+?)(?:\s*
 
 
 def public_callables(module) -> list[tuple[str, object]]:
-    """(qualified name, function) for each public function, method and property defined in `module`."""
+    """(qualified name, object) for each public class, function, method and property defined in `module`."""
     found = []
     for name, obj in vars(module).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
@@ -34,6 +35,7 @@ def public_callables(module) -> list[tuple[str, object]]:
         if inspect.isfunction(obj):
             found.append((name, obj))
         elif inspect.isclass(obj):
+            found.append((name, obj))
             for attr, member in vars(obj).items():
                 if attr.startswith("_") and attr != "__init__":
                     continue
@@ -51,6 +53,11 @@ def problems(name: str, function) -> list[str]:
     found = []
     is_init = name.endswith(".__init__")
     doc = inspect.getdoc(function) if not is_init else "(the class docstring covers __init__)"
+    if inspect.isclass(function):
+        own = (function.__dict__.get("__doc__") or "").strip()
+        if dataclasses.is_dataclass(function) and own.startswith(f"{function.__name__}("):
+            own = ""  # @dataclass writes the signature as a docstring when there is none
+        return [] if own else [f"{name}: class without a docstring (say what it holds)"]
     if not doc or not doc.splitlines()[0].strip():
         found.append(f"{name}: no docstring (write one line that says what it returns)")
     signature = inspect.signature(function)
@@ -90,6 +97,21 @@ def test_checker_catches_what_it_should():
         "bare: no return type hint (`-> None` when it returns nothing)",
     ]
     assert problems("complete", complete) == []
+
+    class Undocumented:
+        pass
+
+    class Documented:
+        """A thing."""
+
+    @dataclasses.dataclass
+    class Record:
+        x: int
+
+    expected = ["Undocumented: class without a docstring (say what it holds)"]
+    assert problems("Undocumented", Undocumented) == expected
+    assert problems("Documented", Documented) == []
+    assert problems("Record", Record) == ["Record: class without a docstring (say what it holds)"]
 
 
 def test_module_discovery_matches_the_import_system():

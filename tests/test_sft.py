@@ -139,3 +139,10 @@ def test_cache_key_changes_with_the_recipe(monkeypatch, tmp_path):
 def test_load_adapter_names_a_folder_without_an_adapter(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         sft.load_adapter(None, tmp_path)
+
+
+def test_packing_changes_nothing_only_when_positions_restart(tokenizer):
+    records = list(data.load_records("messages", "train", size=6, profile=CPU))
+    losses = sft.packing_losses(profiles.load_base(profile=CPU), tokenizer, records)
+    assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-4)  # fp32 sums in another order
+    assert abs(losses["packed, positions not reset"] - losses["padded"]) > 1e-2  # attention leaks across records

@@ -57,7 +57,7 @@ def api_page_text(module: str) -> str:
     """The MyST source of a module's API page: a label, a title and one automodule directive."""
     label = "api-" + module.replace(".", "-")
     return (
-        f"{API_MARKER}({label})=\n# `{module}`\n\n"
+        f"{API_MARKER}({label})=\n# {module}\n\n"
         "```{eval-rst}\n"
         f".. automodule:: {module}\n"
         "   :members:\n"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ftcourse.lora import LoRALinear, adapter_layers, check_rank, inject_adapters
+from ftcourse.lora import LoRALinear, check_rank, inject_adapters
 
 
 class DoRALinear(LoRALinear):
@@ -73,13 +73,41 @@ def magnitude_direction_change(W0: torch.Tensor, W: torch.Tensor) -> tuple[float
     return float(delta_m), float(delta_d)
 
 
-def decomposition_changes(
-    model: nn.Module, start_weights: Mapping[str, torch.Tensor] | None = None
-) -> dict[str, tuple[float, float]]:
-    """(ΔM, ΔD) of every adapted layer's merged weight against its W0 (or `start_weights[name]`)."""
-    changes = {}
+def effective_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The weight each named layer applies now: merged W0 + ΔW for an adapter, `.weight` for nn.Linear."""
+    weights = {}
     with torch.no_grad():
-        for name, layer in adapter_layers(model).items():
-            reference = layer.W0 if start_weights is None else start_weights[name]
-            changes[name] = magnitude_direction_change(reference, layer.merged_weight())
-    return changes
+        for name in names:
+            layer = model.get_submodule(name)
+            weight = layer.merged_weight() if isinstance(layer, LoRALinear) else layer.weight
+            weights[name] = weight.detach().float().clone()
+    return weights
+
+
+def decomposition_changes(
+    model: nn.Module, start_weights: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """(ΔM, ΔD) of each layer named in `start_weights`, its weight now against the weight it started from."""
+    current = effective_weights(model, start_weights)
+    return {name: magnitude_direction_change(start_weights[name], current[name]) for name in start_weights}
+
+
+def saved_activation_bytes(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for backward after one forward on `batch`, each storage once."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    was_training = model.training
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    del out
+    model.train(was_training)
+    # Frozen weights are saved too (a linear layer keeps its weight to compute the input's gradient), but
+    # they are in memory anyway: count only what the forward pass created.
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for pointer, size in storages.items() if pointer not in weights)

@@ -244,3 +244,40 @@ def preference_curves(
         axes[0][-1].legend(frameon=False, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
+
+
+def error_by_blocksize(blocksizes: Sequence[int], series: Mapping[str, Sequence[float]]) -> Figure:
+    """Quantization error (y, log) against block size (x, log), one line per data set or method."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    for label, values in series.items():
+        ax.plot(blocksizes, values, marker="o", ms=3.5, lw=1.2, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(blocksizes), [f"{b:,}" for b in blocksizes], fontsize=7.5)
+    ax.set_xlabel("values per scale (block size)")
+    ax.set_ylabel("RMS error / RMS of the data")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=7.5)
+    fig.tight_layout()
+    return fig
+
+
+def codebook_histogram(
+    values: Sequence[float], codes: Mapping[str, Sequence[float]], title: str = ""
+) -> Figure:
+    """Histogram of values scaled to [-1, 1], with each 4-bit codebook drawn as a row of ticks below it."""
+    fig, ax = plt.subplots(figsize=(6.6, 3.4))
+    ax.hist(values, bins=120, range=(-1, 1), color="#9dbcd4", density=True)
+    top = ax.get_ylim()[1]
+    for row, (label, code) in enumerate(codes.items()):
+        y = -top * (0.08 + 0.09 * row)
+        ax.scatter(code, [y] * len(code), marker="|", s=120, lw=1.4, label=label)
+    ax.set_ylim(-top * (0.12 + 0.09 * len(codes)), top * 1.02)
+    ax.set_xlabel("weight / absmax of its block")
+    ax.set_ylabel("density")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=7.5, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig

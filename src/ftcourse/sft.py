@@ -466,3 +466,36 @@ def _save_quick_run(run: TrainingRun, folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+# --- packing: the same loss, if attention stays inside each example ----------------------------------------
+
+
+def packing_losses(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Loss of one batch of `messages` records collated three ways by TRL's collator.
+
+    `padded`: one row per record, right-padded, with an attention mask. `packed`: all records in one
+    row with position ids restarting at each record (TRL's padding-free packing); the model then keeps
+    attention inside each record. `packed, positions not reset`: the same row without position ids, so
+    every token attends to the records before it. Labels are the assistant tokens in all three.
+    """
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from ftcourse import data
+
+    examples = []
+    for record in records:
+        table = data.assistant_mask(tokenizer, record["messages"])
+        ids = [i for _, i, _ in table]
+        examples.append({"input_ids": ids, "labels": [i if counted else -100 for _, i, counted in table]})
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    naive = {"input_ids": packed["input_ids"], "labels": packed["labels"]}
+    model.eval()
+    with torch.no_grad():
+        # use_cache=False matters: with a cache the model ignores the restarting position ids (TRL sets it).
+        return {
+            name: model(**{k: v for k, v in batch.items() if k != "seq_idx"}, use_cache=False).loss.item()
+            for name, batch in [("padded", padded), ("packed", packed), ("packed, positions not reset", naive)]
+        }

@@ -1,0 +1,152 @@
+"""quant.py against bitsandbytes on the same tensors, and against cases worked by hand."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*gemv_4bit.*")
+bnb = pytest.importorskip("bitsandbytes")
+F = pytest.importorskip("bitsandbytes.functional")
+
+from ftcourse import memory, quant  # noqa: E402
+
+
+def test_int8_absmax_and_zeropoint_by_hand():
+    q, scale = quant.absmax_quantize(torch.tensor([-2.0, 1.0, 0.5]))
+    # scale 2/127; 1.0 -> 63.5 rounds to 64 (half to even), 0.5 -> 31.75 -> 32
+    assert q.tolist() == [-127, 64, 32] and scale.item() == pytest.approx(2 / 127)
+    q, s, z = quant.zeropoint_quantize(torch.tensor([-1.0, 0.0, 3.0]))
+    # range 4 over 255 steps; zero point round(1 / (4/255)) = round(63.75) = 64
+    assert s.item() == pytest.approx(4 / 255) and z.item() == 64
+    assert q.tolist() == [0, 64, 255]
+    assert quant.zeropoint_dequantize(q, s, z).tolist() == pytest.approx([-64 * 4 / 255, 0.0, 191 * 4 / 255])
+
+
+def test_blockwise_scales_contain_an_outlier():
+    torch.manual_seed(0)
+    x = torch.randn(4096) * 0.02
+    x[7] = 5.0  # one outlier spoils the scale of whatever block contains it
+    whole = (quant.blockwise_roundtrip(x, 4096) - x).pow(2).mean()
+    blocks = (quant.blockwise_roundtrip(x, 64) - x).pow(2).mean()
+    assert blocks < whole / 10
+    with pytest.raises(ValueError, match="blocksize"):
+        quant.blockwise_roundtrip(x, 0)
+
+
+def test_nf4_code_equals_bitsandbytes():
+    ours, theirs = quant.nf4_code(), F.get_4bit_type("nf4", device="cpu")
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    assert ours[7] == 0 and (ours > 0).sum() == 8 and (ours < 0).sum() == 7
+    assert torch.equal(quant.fp4_code(), F.get_4bit_type("fp4", device="cpu"))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (1001,)])
+def test_quantize_4bit_is_bit_exact(quant_type, shape):
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 0.05
+    packed, state = F.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+    ours, absmax = quant.quantize_4bit(x, quant_type, 64)
+    assert torch.equal(ours, packed.reshape(ours.shape)) and torch.equal(absmax, state.absmax)
+    # Same 16 code values in, same bits out (bitsandbytes' CPU kernel is trusted for whole blocks per row).
+    ours_values = quant.dequantize_4bit(ours, absmax, shape, quant_type, code=state.code)
+    assert torch.equal(ours_values, quant.safe_dequantize_4bit(packed, state))
+    if shape[-1] % 64 == 0:
+        assert torch.equal(ours_values, F.dequantize_4bit(packed, state))
+    # Our derived codebook differs from the stored table in the last bits only.
+    derived = quant.dequantize_4bit(ours, absmax, shape, quant_type)
+    assert torch.allclose(derived, ours_values, atol=1e-6 * absmax.max().item(), rtol=0)
+
+
+def test_packing_and_ties_by_hand():
+    code = quant.nf4_code()
+    tie = ((code[7] + code[8]) / 2).item()  # exactly between 0 and the smallest positive code
+    packed, absmax = quant.quantize_4bit(torch.tensor([1.0, -1.0, 0.0, 0.5, tie, 0.0]), "nf4", blocksize=6)
+    # 1 -> 15, -1 -> 0, 0 -> 7, 0.5 -> 12 (0.4407 is nearer than 0.5626), the tie -> the lower code 7
+    assert packed.reshape(-1).tolist() == [0xF0, 0x7C, 0x77]
+    assert absmax.tolist() == [1.0]
+    theirs, _ = F.quantize_4bit(torch.tensor([1.0, -1.0, 0.0, 0.5, tie, 0.0]), blocksize=64, quant_type="nf4")
+    assert theirs.reshape(-1).tolist() == [0xF0, 0x7C, 0x77]
+
+
+def test_double_quant_matches_bitsandbytes_within_its_rounding():
+    torch.manual_seed(2)
+    x = torch.randn(2048, 256) * 0.02
+    _, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    _, absmax = quant.quantize_4bit(x)
+    ours = quant.double_quantize(absmax)
+    assert torch.equal(ours["offset"], state.offset) and torch.equal(ours["absmax2"], state.state2.absmax)
+    # The C kernel is not exactly nearest-rounding: allow 2% of the codes to differ, by at most 2 steps.
+    differ = ours["quantized"].int() != state.absmax.int()
+    assert differ.float().mean() < 0.02
+    assert (ours["quantized"].int() - state.absmax.int()).abs().max() <= 2
+    theirs = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    assert torch.equal(quant.double_dequantize(ours)[~differ], theirs[~differ])
+    assert torch.allclose(quant.double_dequantize(ours), absmax, rtol=0.05)
+
+
+def test_bits_per_parameter():
+    assert quant.bits_per_parameter(64) == 4.5
+    assert quant.bits_per_parameter(64, double_quant=True) - 4 == pytest.approx(0.127, abs=5e-4)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_linear4bit_size_is_what_the_estimator_counts(double_quant):
+    layer = bnb.nn.Linear4bit(256, 512, bias=False, compress_statistics=double_quant, quant_type="nf4").to(
+        "cpu"
+    )
+    assert quant.linear4bit_bytes(layer) == memory.quantized_bytes(512, 256, double_quant)
+
+
+def test_safe_dequantize_on_a_width_that_is_not_whole_blocks():
+    torch.manual_seed(3)
+    x = torch.randn(64, 96)
+    packed, state = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    ours, absmax = quant.quantize_4bit(x)
+    expected = quant.dequantize_4bit(ours, absmax, (64, 96), code=state.code)
+    assert torch.equal(quant.safe_dequantize_4bit(packed, state), expected)
+
+
+def test_guard_sets_the_repack_flag_and_rejects_unsafe_widths():
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64, quant_type="nf4").to("cpu"))
+    assert quant.guard_linear4bit(model) == 1
+    assert model[0].support_avx512bf16_for_cpu is False
+    bad = torch.nn.Sequential(bnb.nn.Linear4bit(96, 64, quant_type="nf4").to("cpu"))
+    with pytest.raises(ValueError, match="in_features=96"):
+        quant.guard_linear4bit(bad)
+
+
+@pytest.fixture(scope="module")
+def model_4bit():
+    return quant.load_4bit()
+
+
+def test_load_4bit_embedded_model_is_stable_in_eval(model_4bit, no_network):
+    layers = [m for m in model_4bit.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7 and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    before = {id(m): m.weight.quant_state.absmax.clone() for m in layers}
+    ids = torch.tensor([[1, 5, 9, 33, 200, 7]])
+    with torch.no_grad():
+        first = model_4bit(ids).logits
+        second = model_4bit(ids).logits
+    assert torch.equal(first, second)
+    # Eval-mode forward must not have repacked anything in place (the AVX512-BF16 bug).
+    assert all(torch.equal(m.weight.quant_state.absmax, before[id(m)]) for m in layers)
+    assert all(m.weight.quant_state.nested for m in layers)
+    assert no_network == []
+
+
+def test_roundtrip_linears_changes_every_decoder_weight():
+    from ftcourse import profiles
+
+    model = profiles.load_base()
+    original = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    assert quant.roundtrip_linears(model, "nf4") == 4 * 7
+    restored = model.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(restored, original)
+    assert torch.allclose(restored, original, atol=original.abs().max().item() * 0.2)
+    with pytest.raises(ValueError, match="kind"):
+        quant.roundtrip_linears(model, "int4")
