@@ -9,6 +9,9 @@ from torch import nn
 
 from ftcourse import dora, lora
 
+# peft 0.21 asks transformers 5.23 for a renamed attribute; the warning is theirs, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
 
 @pytest.fixture(scope="module")
 def base() -> nn.Module:
@@ -91,3 +94,30 @@ def test_bad_input_is_explained(base):
         dora.inject_dora(tiny_llama(), ["q_proj"], 0, 8)
     with pytest.raises(TypeError, match="not an nn.Linear"):
         dora.inject_dora(tiny_llama(), ["self_attn"], 2, 4)
+
+
+def test_effective_weights_and_changes_follow_training():
+    model = tiny_llama()
+    dora.inject_dora(model, ["q_proj"], 2, 4)
+    names = list(lora.adapter_layers(model))
+    start = dora.effective_weights(model, names)
+    assert all(torch.equal(start[n], model.get_submodule(n).W0) for n in names)  # W = W0 at step 0
+    for change in dora.decomposition_changes(model, start).values():
+        assert change == pytest.approx((0.0, 0.0), abs=1e-7)
+    with torch.no_grad():
+        model.get_submodule(names[0]).m.mul_(2.0)  # pure magnitude change of every row
+    delta_m, delta_d = dora.decomposition_changes(model, start)[names[0]]
+    assert delta_m == pytest.approx(start[names[0]].norm(dim=1).mean().item(), rel=1e-5)
+    assert delta_d == pytest.approx(0.0, abs=1e-6)
+
+
+def test_saved_activation_bytes_counts_dora_extra():
+    from adapter_fixtures import tiny_llama as make
+
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    plain, decomposed = make(), make()
+    lora.inject_lora(plain, ["q_proj"], 2, 4)
+    dora.inject_dora(decomposed, ["q_proj"], 2, 4)
+    saved_lora = dora.saved_activation_bytes(plain, batch)
+    saved_dora = dora.saved_activation_bytes(decomposed, batch)
+    assert 0 < saved_lora < saved_dora  # DoRA keeps the unscaled output for the gradient of m

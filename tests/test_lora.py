@@ -12,6 +12,9 @@ from torch import nn
 
 from ftcourse import lora
 
+# peft 0.21 asks transformers 5.23 for a renamed attribute; the warning is theirs, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
 
 @pytest.fixture(scope="module")
 def base() -> nn.Module:
@@ -152,3 +155,23 @@ def test_training_ours_and_peft_gives_one_loss_curve(base, no_network):
     assert run_ours.losses[-1] < run_ours.losses[0]  # it learns
     assert run_ours.losses == pytest.approx(run_theirs.losses, abs=1e-4)
     assert no_network == []
+
+
+def test_train_setting_and_mean_loss(base):
+    batches = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        for ids in torch.randint(1, 64, (2, 4, 6), generator=torch.Generator().manual_seed(5))
+    ]
+    setting = lora.LoRASetting(rank=2, alpha=4, targets="attention", use_rslora=True)
+    assert setting.scaling == pytest.approx(4 / math.sqrt(2))
+    model, run = lora.train_setting(base, setting, batches, steps=3, learning_rate=1e-2, warmup_steps=1)
+    assert not model.training and len(run.losses) == 3
+    assert {n.rsplit(".", 1)[-1] for n in lora.adapter_layers(model)} == set(lora.ATTENTION)
+    assert not lora.adapter_layers(base)  # the base model is left alone
+    assert lora.mean_loss(model, batches) < lora.mean_loss(base, batches)
+    with pytest.raises(ValueError, match="targets must be one of"):
+        lora.train_setting(
+            base, lora.LoRASetting(2, 4, targets="everything"), batches, steps=1, learning_rate=1e-3
+        )
+    with pytest.raises(ValueError, match="no Part II run sizes"):
+        lora.run_sizes("laptop")

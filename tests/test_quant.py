@@ -150,3 +150,18 @@ def test_roundtrip_linears_changes_every_decoder_weight():
     assert torch.allclose(restored, original, atol=original.abs().max().item() * 0.2)
     with pytest.raises(ValueError, match="kind"):
         quant.roundtrip_linears(model, "int4")
+
+
+@pytest.mark.parametrize("method", ["absmax", "zeropoint"])
+def test_blockwise_roundtrip_equals_per_block_quantization(method):
+    torch.manual_seed(4)
+    x = torch.randn(10, 13)  # 130 values: two whole blocks of 64 and a short one
+    out = quant.blockwise_roundtrip(x, 64, method).reshape(-1)
+    flat = x.reshape(-1)
+    for start in range(0, 130, 64):
+        block = flat[start : start + 64]
+        if method == "absmax":
+            expected = quant.absmax_dequantize(*quant.absmax_quantize(block))
+        else:
+            expected = quant.zeropoint_dequantize(*quant.zeropoint_quantize(block))
+        assert torch.allclose(out[start : start + 64], expected, atol=1e-6, rtol=0)

@@ -145,4 +145,6 @@ def test_packing_changes_nothing_only_when_positions_restart(tokenizer):
     records = list(data.load_records("messages", "train", size=6, profile=CPU))
     losses = sft.packing_losses(profiles.load_base(profile=CPU), tokenizer, records)
     assert losses["packed"] == pytest.approx(losses["padded"], abs=1e-4)  # fp32 sums in another order
-    assert abs(losses["packed, positions not reset"] - losses["padded"]) > 1e-2  # attention leaks across records
+    assert (
+        abs(losses["packed, positions not reset"] - losses["padded"]) > 1e-2
+    )  # attention leaks across records

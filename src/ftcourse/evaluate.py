@@ -312,11 +312,12 @@ class AccuracyReport:
         ]
         if not chosen:
             raise ValueError(f"no tasks of family {family!r} in this report; it has {sorted(self.by_family)}")
-        sums, counts = _cluster_sums([h for h, _ in chosen], [c for _, c in chosen])
-        # Where an item is asked more than once (two phrasings of one capital), its questions are not
-        # independent; scoring each item by its mean and counting items gives the interval of a test set
-        # with that many independent items (cautious: correlated twins count as one).
-        return wilson_interval(float((sums / counts).sum()), sums.size, z_for(confidence))
+        hits = [float(h) for h, _ in chosen]
+        n_items = len(set(c for _, c in chosen))
+        # Where an item is asked more than once (two phrasings of one capital, 6 + 26 and 26 + 6), its
+        # questions are not independent draws. Kish's effective sample size for the worst case, twins
+        # that always agree, is the number of distinct items: keep the accuracy, count items, not tasks.
+        return wilson_interval(sum(hits) / len(hits) * n_items, n_items, z_for(confidence))
 
     def with_intervals(self, confidence: float = 0.95) -> dict[str, tuple[float, float, float]]:
         """(accuracy, low, high) per family and overall, the bounds from `interval` (Wilson)."""

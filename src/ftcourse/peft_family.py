@@ -67,10 +67,6 @@ RUN_SIZES: dict[str, FamilySizes] = {
         eval_per_family=100,
         heldout_docs=100,
         virtual_tokens=20,
-        skip={
-            "full fine-tuning": "8B parameters x 16 bytes (bf16 weights and gradients, fp32 Adam moments and "
-            "master copy) is about 128 GB, the whole unified memory of a DGX Spark",
-        },
     ),
 }
 
@@ -603,9 +599,21 @@ def run_in_fresh_process(
 
 def preload() -> None:
     """Import the training libraries in this process, once, so that every forked run starts with them."""
+    import logging
+
     import peft  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
     from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    # bitsandbytes logs, on import, that an optional hub kernel package is missing; it falls back to
+    # its own CPU code, which is the code the QLoRA run uses. Loaded here, it counts in no run's memory.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    finally:
+        cpu_ops.setLevel(level)
 
 
 def run_fresh(
@@ -654,8 +662,13 @@ def _share(hits: Sequence[bool]) -> float:
 
 
 def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, Any]]:
-    """One row per method (in the order of `results`): numbers over its seeds, or its first error."""
-    from ftcourse.evaluate import wilson_interval
+    """One row per method (in the order of `results`): numbers over its seeds, or its first error.
+
+    Chat exact match, its Wilson interval and the paired test against the base model are those of the
+    first seed that finished; the other seeds' scores are listed; memory, retention and perplexity are
+    means over the seeds.
+    """
+    from ftcourse.evaluate import paired_comparison, wilson_interval
 
     grouped: dict[str, list[MethodResult]] = {}
     for result in results:
@@ -667,8 +680,8 @@ def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, A
             rows.append({"method": name, "error": runs[0].error, "seeds": len(runs)})
             continue
         first = done[0]
-        chat = [r.chat_accuracy for r in done]
         low, high = wilson_interval(sum(first.chat_hits), len(first.chat_hits))
+        versus_base = paired_comparison(first.chat_hits, base.chat_hits)
         rows.append(
             {
                 "method": name,
@@ -678,11 +691,11 @@ def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, A
                 "start_mib": statistics.mean(r.start_mib for r in done),
                 "peak_mib": statistics.mean(r.peak_mib for r in done),
                 "step_seconds": statistics.median(r.step_seconds for r in done),
-                "chat": statistics.mean(chat),
-                "chat_low": low,  # Wilson 95% interval of the first seed: the test set's own uncertainty
+                "chat": first.chat_accuracy,
+                "chat_low": low,  # Wilson 95% interval: the uncertainty of a test set this small
                 "chat_high": high,
-                "chat_min": min(chat),
-                "chat_max": max(chat),
+                "other_seeds": [r.chat_accuracy for r in done[1:]],
+                "p_vs_base": versus_base.p_value,  # exact McNemar on the same questions
                 "seeds": len(done),
                 "raw_change": statistics.mean(r.raw_accuracy for r in done) - _share(base.raw_hits),
                 "perplexity": statistics.mean(r.perplexity for r in done),
@@ -701,9 +714,7 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
         if "trainable" not in row:
             table.append({"method": row["method"], "error": row["error"]})
             continue
-        spread = (
-            f"{100 * row['chat_min']:.0f}–{100 * row['chat_max']:.0f}" if row["seeds"] > 1 else "one seed"
-        )
+        others = ", ".join(f"{100 * value:.0f}" for value in row["other_seeds"]) or "–"
         table.append(
             {
                 "method": row["method"],
@@ -714,7 +725,8 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
                 "ms/step": f"{1000 * row['step_seconds']:.0f}",
                 "chat EM % [95% CI]": f"{100 * row['chat']:.0f} [{100 * row['chat_low']:.0f}, "
                 f"{100 * row['chat_high']:.0f}]",
-                "over seeds": spread,
+                "other seeds": others,
+                "p vs base": f"{row['p_vs_base']:.2g}",
                 "raw EM change (points)": f"{100 * row['raw_change']:+.0f}",
                 "perplexity": f"{row['perplexity']:.2f}",
                 "error": row["error"],
@@ -741,11 +753,14 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
         ax.errorbar(
             row["trainable"],
             100 * row["chat"],
-            yerr=[[100 * (row["chat"] - row["chat_min"])], [100 * (row["chat_max"] - row["chat"])]],
+            yerr=[[100 * (row["chat"] - row["chat_low"])], [100 * (row["chat_high"] - row["chat"])]],
             fmt="o",
             capsize=3,
-            color="tab:blue" if row["seeds"] == 1 else "tab:orange",
+            color="tab:blue",
+            alpha=0.8,
         )
+        for other in row["other_seeds"]:
+            ax.plot(row["trainable"], 100 * other, "x", color="tab:orange")
         ax.annotate(
             row["method"],
             (row["trainable"], 100 * row["chat"]),

@@ -273,6 +273,7 @@ def codebook_histogram(
         y = -top * (0.08 + 0.09 * row)
         ax.scatter(code, [y] * len(code), marker="|", s=120, lw=1.4, label=label)
     ax.set_ylim(-top * (0.12 + 0.09 * len(codes)), top * 1.02)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= top])
     ax.set_xlabel("weight / absmax of its block")
     ax.set_ylabel("density")
     ax.spines[["top", "right"]].set_visible(False)

@@ -701,3 +701,96 @@ def trl_comparison(
     return {"loss": (ours.loss.item(), float(trl_loss))} | {
         key: (value, logged[key]) for key, value in ours.metrics().items() if key != "loss" and key in logged
     }
+
+
+# Cost of a training step, measured in a fresh process.
+
+
+def _rss_mib(field_name: str) -> float:
+    """VmRSS or VmHWM (peak) of this process from /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field_name}: peak memory can only be measured on Linux")
+
+
+def _one_step_cost(
+    method: str, full: bool, steps: int, batch_size: int, profile: Profile
+) -> dict[str, float]:
+    """In the current process: build the trainer for `method` and time `steps` steps (LoRA or full)."""
+    import copy
+
+    from datasets import Dataset
+
+    from ftcourse import profiles
+
+    start_rss = _rss_mib("VmRSS")
+    model = sft_start(profile)
+    for param in model.parameters():
+        param.requires_grad_(full)
+    ref = copy.deepcopy(model).eval() if full and NEEDS_REFERENCE[method] else None
+    records = train_records(method, profile)[: steps * batch_size]
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = preference_trainer(
+            method,
+            model,
+            profiles.load_tokenizer(profile=profile),
+            Dataset.from_list(records),
+            peft_config=None if full else "lora",
+            ref_model=ref,
+            steps=steps,
+            batch_size=batch_size,
+            output_dir=scratch,
+            profile=profile,
+        )
+        setup_rss = _rss_mib("VmRSS")  # models (and the reference copy) loaded, trainer built
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "setup_mib": setup_rss - start_rss,
+        "peak_mib": _rss_mib("VmHWM") - start_rss,
+        "seconds_per_step": wall / steps,
+        "cpu_seconds_per_step": cpu / steps,
+        "trainable_parameters": float(trainable),
+    }
+
+
+def step_cost(
+    method: str, full: bool = False, steps: int = 2, batch_size: int = 8, profile: Profile | None = None
+) -> dict[str, float]:
+    """Memory after setup and at the peak, above the start (MiB), and time per step, in a forked child.
+
+    A process keeps memory it has freed and reuses it, so each configuration runs in its own fork of the
+    caller: the child starts with the caller's imports and nothing else, and its peak resident set
+    (VmHWM) minus its starting size is what this configuration needed. `full=True` trains every weight,
+    with a frozen copy as the reference for DPO and KTO; otherwise a LoRA adapter, reference = adapter off.
+    Call it before loading models in the caller, or the child inherits and reuses their memory.
+    """
+    profile = profile or active_profile()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    import datasets  # noqa: F401 - imported here, once, so that no child pays for the imports
+    import peft  # noqa: F401
+
+    _trainer_class(method)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report through the pipe, leave without running the caller's cleanup
+        os.close(read_end)
+        try:
+            result = {"ok": True, **_one_step_cost(method, full, steps, batch_size, profile)}
+        except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as text
+            result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        os.write(write_end, json.dumps(result).encode())
+        os.close(write_end)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        payload = pipe.read()
+    os.waitpid(pid, 0)
+    result = json.loads(payload or b'{"ok": false, "error": "the child process died without a report"}')
+    if not result.pop("ok"):
+        raise RuntimeError(f"measuring {method} ({'full' if full else 'LoRA'}) failed: {result['error']}")
+    return result

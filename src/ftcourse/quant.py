@@ -69,14 +69,20 @@ def blockwise_roundtrip(x: torch.Tensor, blocksize: int, method: str = "absmax")
     if method not in ("absmax", "zeropoint"):
         raise ValueError(f"method must be 'absmax' or 'zeropoint', got {method!r}")
     flat = x.reshape(-1).float()
-    out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), blocksize):
-        block = flat[start : start + blocksize]
-        if method == "absmax":
-            out[start : start + blocksize] = absmax_dequantize(*absmax_quantize(block))
-        else:
-            out[start : start + blocksize] = zeropoint_dequantize(*zeropoint_quantize(block))
-    return out.reshape(x.shape)
+    n = flat.numel()
+    # Pad the last block by repeating its final value: that changes neither its absmax nor its range.
+    padded = torch.cat([flat, flat[-1:].expand((-n) % blocksize)]).reshape(
+        -1, blocksize
+    )  # (blocks, blocksize)
+    if method == "absmax":
+        scale = padded.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        restored = torch.round(padded / scale).clamp(-127, 127) * scale
+    else:
+        low, high = padded.amin(dim=1, keepdim=True), padded.amax(dim=1, keepdim=True)
+        scale = (high - low).clamp(min=1e-12) / 255
+        zero = torch.round(-low / scale)
+        restored = ((torch.round(padded / scale) + zero).clamp(0, 255) - zero) * scale
+    return restored.reshape(-1)[:n].reshape(x.shape)
 
 
 # --- 4-bit codebooks ---------------------------------------------------------------------------------

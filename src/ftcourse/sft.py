@@ -497,5 +497,9 @@ def packing_losses(model: Any, tokenizer: Any, records: Sequence[Mapping[str, An
         # use_cache=False matters: with a cache the model ignores the restarting position ids (TRL sets it).
         return {
             name: model(**{k: v for k, v in batch.items() if k != "seq_idx"}, use_cache=False).loss.item()
-            for name, batch in [("padded", padded), ("packed", packed), ("packed, positions not reset", naive)]
+            for name, batch in [
+                ("padded", padded),
+                ("packed", packed),
+                ("packed, positions not reset", naive),
+            ]
         }

@@ -1,0 +1,157 @@
+"""peft_family.py: parameter counts match peft, the QLoRA guard holds, runs work in fresh processes."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftcourse import memory, peft_family, profiles
+
+CPU = profiles.PROFILES["cpu"]
+SIZES = peft_family.RUN_SIZES["cpu"]
+TINY = dataclasses.replace(SIZES, steps=2, batch_size=2, eval_per_family=1, heldout_docs=1)
+TEXTS = ["max of 3 5 9 is 9 . the capital of Orlia is Venn ."]  # perplexity text; no corpus rebuild
+
+
+@pytest.fixture(scope="module")
+def toy_architecture():
+    return memory.architecture(profiles.load_base(profile=CPU).config)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "full fine-tuning",
+        "feature extraction",
+        "BitFit (as added biases)",
+        "prompt tuning",
+        "prefix tuning",
+        "IA3",
+        "LoRA",
+    ],
+)
+def test_trainable_at_scale_matches_peft_on_the_embedded_model(name, toy_architecture):
+    from peft import get_peft_model
+
+    model, config = peft_family.prepare(peft_family.method(name), CPU, SIZES)
+    if config is not None:
+        model = get_peft_model(model, config)
+    measured, _ = peft_family.trainable_parameters(model)
+    assert peft_family.trainable_at_scale(toy_architecture, name, SIZES) == measured
+
+
+def test_trainable_at_scale_by_hand_for_lora_on_llama_8b():
+    # One Llama-3.1-8B layer: q, o 4096x4096; k, v 1024x4096; gate, up 14336x4096; down 4096x14336.
+    per_layer = 8 * ((4096 + 4096) * 2 + (1024 + 4096) * 2 + (14336 + 4096) * 3)
+    assert (
+        peft_family.trainable_at_scale(memory.architecture("llama-3.1-8b"), "LoRA", SIZES) == 32 * per_layer
+    )
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="no method called 'LoRB'.*LoRA"):
+        peft_family.method("LoRB")
+
+
+def test_load_4bit_disables_the_avx512bf16_path_and_keeps_weights_exact():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    model = peft_family.load_4bit(CPU)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    layer = layers[0]
+    before = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
+    with torch.no_grad():  # eval mode, an input without grad: the path that repacked weights in 0.50.2
+        model.eval()(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    after = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(before, after)
+
+
+def test_adalora_allocator_passes_the_zero_based_step_after_the_optimizer_step():
+    calls = []
+    model = SimpleNamespace(base_model=SimpleNamespace(update_and_allocate=calls.append))
+    callback = peft_family.adalora_allocator()
+    for finished in range(3):  # Trainer calls on_optimizer_step before it increments global_step
+        callback.on_optimizer_step(None, SimpleNamespace(global_step=finished), None, model=model)
+    assert calls == [0, 1, 2]
+
+
+def test_peak_rss_sees_an_allocation_after_a_reset():
+    peft_family.reset_peak_rss()
+    start = peft_family.rss_mib()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    peak = peft_family.peak_rss_mib()
+    del block
+    assert peak - start > 50
+
+
+def test_perplexity_of_a_prompt_tuned_model_drops_the_virtual_positions():
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    from ftcourse import evaluate
+
+    model, config = peft_family.prepare(peft_family.method("prompt tuning"), CPU, SIZES)
+    tuned = get_peft_model(model, config).eval()
+    tokenizer = profiles.load_tokenizer(profile=CPU)
+    ids = torch.tensor([tokenizer(TEXTS[0])["input_ids"]])
+    with torch.no_grad():
+        logits = tuned(input_ids=ids).logits  # (1, n_virtual + T, V)
+    assert logits.shape[1] == ids.shape[1] + config.num_virtual_tokens
+    by_hand = F.cross_entropy(logits[0, config.num_virtual_tokens : -1], ids[0, 1:]).exp().item()
+    wrapped = peft_family._WithoutVirtualTokens(tuned, config.num_virtual_tokens)
+    assert evaluate.perplexity(wrapped, tokenizer, TEXTS) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_run_in_a_fresh_process_trains_measures_and_stays_offline(no_network):
+    result = peft_family.run_in_fresh_process("LoRA", 0, CPU, TINY, TEXTS)
+    assert result.ok, result.error
+    assert no_network == []  # a forked child shares the patched socket module
+    assert result.trainable == 155_648 and result.total > result.trainable
+    assert result.peak_mib >= result.start_mib > 0
+    assert len(result.chat_hits) == len(result.raw_hits) == 4
+    assert result.perplexity > 1 and result.cpu_seconds > 0
+
+
+def test_run_method_in_process_stays_offline(no_network):
+    result = peft_family.run_method("IA3", 0, CPU, TINY, TEXTS)
+    assert result.ok, result.error
+    assert no_network == []
+    assert result.trainable == 4 * (128 + 128 + 768)  # l_k, l_v and l_ff in each of the four blocks
+
+
+def test_a_failing_method_comes_back_with_its_error(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such layer")
+
+    monkeypatch.setattr(peft_family, "prepare", broken)
+    result = peft_family.run_in_fresh_process("LoRA", 0, CPU, TINY, TEXTS)
+    assert not result.ok and result.error.startswith("RuntimeError: no such layer")
+
+
+def test_a_skipped_method_says_why():
+    sizes = dataclasses.replace(TINY, skip={"LoRA": "too big"})
+    result = peft_family.run_in_fresh_process("LoRA", 0, CPU, sizes, TEXTS)
+    assert "too big" in result.error
+
+
+def test_summary_by_hand():
+    base = peft_family.Baseline((True, False, False, False), (True, True, False, False), 6.0)
+    runs = [
+        peft_family.MethodResult("A", 0, 10, 100, 1e-3, 1.0, 3.0, 0.1, 1.0, (True,) * 4, (True,) * 4, 5.0),
+        peft_family.MethodResult("A", 1, 10, 100, 1e-3, 1.0, 5.0, 0.3, 1.0, (False,) * 4, (False,) * 4, 7.0),
+        peft_family.MethodResult("B", 0, error="ValueError: bad"),
+    ]
+    a, b = peft_family.summary(runs, base)
+    assert a["chat"] == 1.0 and a["other_seeds"] == [0.0] and a["seeds"] == 2
+    assert a["raw_change"] == pytest.approx(0.5 - 0.5)  # mean of 100% and 0% against the base's 50%
+    assert a["peak_mib"] == 4.0 and a["perplexity"] == 6.0 and a["trainable_share"] == 0.1
+    assert a["p_vs_base"] == pytest.approx(0.25)  # 3 discordant items, all for A: 2 * 0.5**3
+    assert b == {"method": "B", "error": "ValueError: bad", "seeds": 1}
+    frame = peft_family.summary_frame([a, b], base)
+    assert frame.loc["B", "error"] == "ValueError: bad"
+    assert frame.loc["A", "chat EM % [95% CI]"].startswith("100 [")
