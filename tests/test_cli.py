@@ -96,3 +96,11 @@ def test_cli_runs_as_a_module():
         env={**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])},
     )
     assert result.returncode == 0 and "--ollama-name" in result.stdout
+
+
+def test_check_fails_a_file_that_does_not_load(export_model_dir, tmp_path, capsys):
+    bad = tmp_path / "model-f16.gguf"
+    bad.write_bytes(b"GGUF but not really")
+
+    assert cli.check_files(export_model_dir, {"f16": bad}) is False
+    assert "FAIL model-f16.gguf: does not load" in capsys.readouterr().out

@@ -254,3 +254,12 @@ def test_preference_and_feedback_from_one_rated_source():
     feedback = data.feedback_rows(rated[:1])
     assert [r["label"] for r in feedback] == [True] + [False] * len(tasks[0].distractors)
     assert data.validate_records(feedback, "feedback").rows_kept == len(feedback)
+
+
+def test_clean_counts_every_row_it_removes():
+    base = task_records("train", "messages", 3)
+    rows = [*base, base[0], {"messages": [BOT]}]
+    report = data.clean(rows, "messages")
+    counts = report.counts()
+    assert counts == {"read": 14, "removed: invalid": 1, "removed: exact duplicates": 1, "kept": 12}
+    assert counts["read"] == counts["kept"] + sum(v for k, v in counts.items() if k.startswith("removed"))

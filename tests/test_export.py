@@ -115,3 +115,15 @@ def test_without_llama_cpp_k_quants_are_skipped_with_the_install_command(
     assert "FROM ./model-q8_0.gguf" in result.modelfile.read_text()
     with pytest.raises(export.ExportError, match="CMAKE_ARGS=.* pip install llama-cpp-python=="):
         llamacpp.quantize_gguf(result.gguf_files["f16"], tmp_path / "q4.gguf")
+
+
+def test_damaged_base_is_refused_before_any_work(export_model_dir, tmp_path):
+    adapter = save_adapter(export_model_dir, tmp_path / "adapter")
+    base = copy_model_dir(export_model_dir, tmp_path / "base")
+    (base / "config.json").write_text("{not json")
+
+    with pytest.raises(
+        export.ExportError, match=r"--base folder cannot be used: .*config\.json is not valid JSON"
+    ):
+        export.export_pipeline(adapter, tmp_path / "out", base_model_dir=base, progress=False)
+    assert not (tmp_path / "out").exists()

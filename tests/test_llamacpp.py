@@ -91,6 +91,13 @@ def test_unknown_or_unsupported_quant_is_refused_before_work(quant, match, tmp_p
     assert llamacpp.check_quant_type("q4_k_m") == "Q4_K_M" and llamacpp.check_quant_type("F16") == "f16"
 
 
+def test_llama_cpp_quantizer_also_writes_q8_0(export_gguf_files, tmp_path):
+    path = llamacpp.quantize_gguf(
+        export_gguf_files["f16"], tmp_path / "q8.gguf", "Q8_0"
+    )  # the exercise's call
+    assert "Q8_0" in ftgguf.gguf_stats(path).weights_per_type
+
+
 def test_damaged_f16_file_is_named_before_quantizing(tmp_path):
     bad = tmp_path / "model-f16.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)  # a GGUF magic and nothing usable
@@ -140,6 +147,18 @@ def test_ctrl_c_during_quantization_stops_llama_cpp_and_leaves_no_file(
     assert len(children) == 1 and children[0].poll() is not None  # llama.cpp's process is gone
     assert children[0].returncode != 0  # killed, not finished
     assert list(tmp_path.iterdir()) == []  # no partial file, no finished file
+
+
+def test_a_real_sigint_while_quantizing_stops_the_run(export_gguf_files, tmp_path):
+    import os
+    import signal
+
+    def press_ctrl_c():  # the signal itself, delivered to this process while llama.cpp works
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        llamacpp.quantize_gguf(export_gguf_files["f16"], tmp_path / "q4.gguf", "Q4_K_M", on_wait=press_ctrl_c)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- Serving with llama.cpp alone ----------------------------------------------------------------

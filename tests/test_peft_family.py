@@ -147,7 +147,7 @@ def test_summary_by_hand():
         peft_family.MethodResult("B", 0, error="ValueError: bad"),
     ]
     a, b = peft_family.summary(runs, base)
-    assert a["chat"] == 1.0 and a["other_seeds"] == [0.0] and a["seeds"] == 2
+    assert a["chat"] == 1.0 and a["other_seeds"] == [0.0] and a["seeds"] == 2 and a["chat_mean"] == 0.5
     assert a["raw_change"] == pytest.approx(0.5 - 0.5)  # mean of 100% and 0% against the base's 50%
     assert a["peak_mib"] == 4.0 and a["perplexity"] == 6.0 and a["trainable_share"] == 0.1
     assert a["p_vs_base"] == pytest.approx(0.25)  # 3 discordant items, all for A: 2 * 0.5**3

@@ -301,3 +301,28 @@ def test_preference_trainer_errors(tokenizer, scratch):
         prefs.preference_trainer("ppo", None, tokenizer, None, output_dir=scratch)
     with pytest.raises(ValueError, match="needs a frozen reference"):
         prefs.preference_trainer("dpo", None, tokenizer, None, peft_config=None, output_dir=scratch)
+
+
+# --- GRPO ------------------------------------------------------------------------------------------------
+
+
+def test_exact_match_reward_by_hand():
+    completions = [
+        [{"role": "assistant", "content": "22"}],
+        [{"role": "assistant", "content": "23\nmore"}],
+        "22",
+    ]
+    assert prefs.exact_match_reward(completions, ["22", "22", "22"]) == [1.0, 0.0, 1.0]
+
+
+def test_grpo_trainer_steps_offline(tokenizer, scratch, no_network):
+    from ftcourse.toy.tasks import build_tasks
+
+    trainer = prefs.grpo_trainer(
+        profiles.load_base(), tokenizer, build_tasks("train", 2), steps=1, batch_size=4, output_dir=scratch
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert no_network == []
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        prefs.grpo_trainer(None, tokenizer, [], batch_size=6, num_generations=4, output_dir=scratch)

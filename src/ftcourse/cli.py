@@ -109,6 +109,9 @@ def check_files(hf_dir: str | Path, gguf_files: dict[str, Path] | Iterable[Path]
 
     if not isinstance(gguf_files, dict):  # plain paths: the type is in the name, model-<type>.gguf
         gguf_files = {Path(p).stem.removeprefix("model-"): Path(p) for p in gguf_files}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar for loading the model is noise between the PASS/FAIL lines
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     all_pass = True

@@ -138,6 +138,7 @@ def load_records(
             f"hub dataset {profile.datasets[schema]!r} split {split!r} has {len(dataset)} rows, "
             f"fewer than size={size}; ask for at most {len(dataset)}"
         )
+    dataset = dataset.select_columns(list(SCHEMAS[schema]))  # hub datasets carry extra columns (ids, tags)
     return dataset.select(range(size)) if size else dataset
 
 
@@ -639,6 +640,25 @@ def deduplicate(
             buckets[key].append(i)
     kept = [dict(records[i]) for i in unique if i not in removed]
     return DedupResult(kept, exact, near, threshold)
+
+
+def clean(
+    records: Sequence[Any],
+    schema: str,
+    source: str = "records",
+    *,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    threshold: float = 0.8,
+) -> LoadReport:
+    """Validate (collecting problems), then drop exact and near duplicates; every removal is counted."""
+    report = validate_records(
+        records, schema, source, tokenizer=tokenizer, max_length=max_length, collect=True
+    )
+    result = deduplicate(report.records, threshold=threshold)
+    report.records = result.kept
+    report.removed.update({reason: n for reason, n in result.removed().items() if n})
+    return report
 
 
 def token_lengths(records: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[int]:

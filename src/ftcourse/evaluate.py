@@ -42,7 +42,7 @@ STOP_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "\n")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def chat_prompt(tokenizer, task: Task, examples: Sequence[Task] = ()) -> str:
+def chat_prompt(tokenizer: Any, task: Task, examples: Sequence[Task] = ()) -> str:
     """The chat-form prompt for `task`, with `examples` as earlier solved turns (few-shot)."""
     messages = []
     for example in examples:
@@ -61,14 +61,14 @@ def first_answer(text: str) -> str:
     return text.strip()
 
 
-def _device(model) -> torch.device:
+def _device(model: Any) -> torch.device:
     # PEFT wrappers and plain modules both answer `.device`; test stubs may not.
     return getattr(model, "device", torch.device("cpu"))
 
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
 ) -> list[str]:
     """Greedy continuations of `prompts` (special tokens kept, so stop markers stay visible)."""
     if batch_size < 1:
@@ -89,7 +89,7 @@ def generate(
     return replies
 
 
-def replies(model, tokenizer, tasks: Sequence[Task], max_new_tokens: int = 16) -> list[str]:
+def replies(model: Any, tokenizer: Any, tasks: Sequence[Task], max_new_tokens: int = 16) -> list[str]:
     """The model's zero-shot chat answers to `tasks`, cut at the end of the turn."""
     prompts = [chat_prompt(tokenizer, t) for t in tasks]
     return [first_answer(r) for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)]
@@ -329,8 +329,8 @@ class AccuracyReport:
 
 
 def exact_match(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     tasks: Sequence[Task],
     form: str = "chat",
     shots: int = 0,
@@ -358,7 +358,9 @@ def exact_match(
     return score_replies(replies, tasks)
 
 
-def check_context(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, shots: int = 0) -> int:
+def check_context(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, shots: int = 0
+) -> int:
     """The longest prompt's length in tokens, after checking prompt + reply fit the model's context."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if context is None or not callable(tokenizer) or not prompts:
@@ -431,7 +433,7 @@ def heldout_texts(n_docs: int = 200, profile: Profile | None = None) -> list[str
 
 @torch.no_grad()
 def token_nll(
-    model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 16
 ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood over `texts`, and the number of tokens predicted."""
     # Default special tokens: a BOS for tokenizers that use one (Llama 3), nothing for the toy model.
@@ -456,7 +458,7 @@ def token_nll(
 
 @torch.no_grad()
 def nll_at_token(
-    model, tokenizer, texts: Sequence[str], token: str, max_length: int = 256
+    model: Any, tokenizer: Any, texts: Sequence[str], token: str, max_length: int = 256
 ) -> dict[str, float]:
     """Mean next-token NLL over the targets that are `token` ("at") and over all the others ("elsewhere")."""
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -473,7 +475,9 @@ def nll_at_token(
     return {"at": torch.cat(at).mean().item(), "elsewhere": torch.cat(elsewhere).mean().item()}
 
 
-def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 256, batch_size: int = 16) -> float:
+def perplexity(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 16
+) -> float:
     """exp of the token-weighted mean next-token NLL over `texts` (each truncated to `max_length`)."""
     total, count = token_nll(model, tokenizer, texts, max_length, batch_size)
     if count == 0:
@@ -494,7 +498,7 @@ class Capabilities:
     perplexity: float
 
 
-def capabilities(model, tokenizer, tasks: Sequence[Task], texts: Sequence[str]) -> Capabilities:
+def capabilities(model: Any, tokenizer: Any, tasks: Sequence[Task], texts: Sequence[str]) -> Capabilities:
     """Raw-form exact match on `tasks` and perplexity on `texts`, measured on one model."""
     return Capabilities(exact_match(model, tokenizer, tasks, form="raw"), perplexity(model, tokenizer, texts))
 
@@ -517,8 +521,8 @@ def retention(before: Capabilities, after: Capabilities) -> dict[str, dict[str, 
 
 
 def verdicts(
-    judge,
-    tokenizer,
+    judge: Any,
+    tokenizer: Any,
     prompts: Sequence[Turn],
     replies_a: Sequence[Turn],
     replies_b: Sequence[Turn],
@@ -545,8 +549,8 @@ def verdicts(
 
 
 def win_rate(
-    judge,
-    tokenizer,
+    judge: Any,
+    tokenizer: Any,
     prompts: Sequence[Turn],
     replies_a: Sequence[Turn],
     replies_b: Sequence[Turn],
@@ -555,7 +559,7 @@ def win_rate(
     return float(np.mean(verdicts(judge, tokenizer, prompts, replies_a, replies_b)))
 
 
-def preference_verdicts(judge, tokenizer, records: Sequence[Mapping[str, Any]]) -> list[float]:
+def preference_verdicts(judge: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> list[float]:
     """The judge's verdict on each preference record: 1.0 when it prefers `chosen` to `rejected`."""
     prompts = [r["prompt"] for r in records]
     return verdicts(
@@ -563,7 +567,7 @@ def preference_verdicts(judge, tokenizer, records: Sequence[Mapping[str, Any]]) 
     )
 
 
-def judge_accuracy(judge, tokenizer, records: Sequence[Mapping[str, Any]]) -> float:
+def judge_accuracy(judge: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> float:
     """How often the judge prefers `chosen` to `rejected` on preference records it was not trained on."""
     return float(np.mean(preference_verdicts(judge, tokenizer, records)))
 
@@ -639,7 +643,7 @@ def ollama_judge(model: str, host: str | None = None) -> OllamaJudge:
     return judge
 
 
-def load_judge(tokenizer, profile: Profile | None = None, **train_kwargs: Any):
+def load_judge(tokenizer: Any, profile: Profile | None = None, **train_kwargs: Any) -> Any:
     """The profile's judge: a reward model trained now (`reward-model`) or an Ollama LLM (`ollama:NAME`)."""
     profile = profile or active_profile()
     if profile.judge == "reward-model":

@@ -692,6 +692,7 @@ def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, A
                 "peak_mib": statistics.mean(r.peak_mib for r in done),
                 "step_seconds": statistics.median(r.step_seconds for r in done),
                 "chat": first.chat_accuracy,
+                "chat_mean": statistics.mean(r.chat_accuracy for r in done),  # over all seeds
                 "chat_low": low,  # Wilson 95% interval: the uncertainty of a test set this small
                 "chat_high": high,
                 "other_seeds": [r.chat_accuracy for r in done[1:]],
@@ -761,11 +762,15 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
         )
         for other in row["other_seeds"]:
             ax.plot(row["trainable"], 100 * other, "x", color="tab:orange")
+    labels: dict[tuple[int, float], list[str]] = {}  # methods on the same point share one label
+    for row in done:
+        labels.setdefault((row["trainable"], round(100 * row["chat"], 1)), []).append(row["method"])
+    for index, ((trainable, chat), names) in enumerate(sorted(labels.items())):
         ax.annotate(
-            row["method"],
-            (row["trainable"], 100 * row["chat"]),
+            ", ".join(names),
+            (trainable, chat),
             fontsize=8,
-            xytext=(4, 3),
+            xytext=(5, 4 if index % 2 == 0 else -10),  # alternate above and below to keep neighbours apart
             textcoords="offset points",
         )
     ax.axhline(100 * _share(base.chat_hits), color="grey", linestyle="--", linewidth=1)

@@ -794,3 +794,75 @@ def step_cost(
     if not result.pop("ok"):
         raise RuntimeError(f"measuring {method} ({'full' if full else 'LoRA'}) failed: {result['error']}")
     return result
+
+
+# Online RL with a verifiable reward: GRPO on task-world questions.
+
+
+def exact_match_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
+    """GRPO reward function: 1.0 where the completion's first answer equals the task's answer, else 0.0."""
+    from ftcourse.evaluate import first_answer
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # chat or plain completions
+    return [float(first_answer(text) == expected) for text, expected in zip(texts, answer, strict=True)]
+
+
+def grpo_trainer(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[Any],
+    *,
+    steps: int = 30,
+    batch_size: int = 8,
+    num_generations: int = 4,
+    max_completion_length: int = 8,
+    temperature: float = 0.7,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+    output_dir: str,
+    profile: Profile | None = None,
+) -> Any:
+    """TRL's GRPOTrainer on task-world `tasks` with the exact-match reward and a new LoRA adapter.
+
+    Each step samples `num_generations` replies per prompt (`batch_size / num_generations` prompts), scores
+    them with `exact_match_reward` and uses each reply's reward relative to its group as the advantage.
+    TRL's default beta = 0 keeps no reference model.
+    """
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    if batch_size % num_generations:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})"
+        )
+    profile = profile or active_profile()
+    offline_environment(profile)
+    records = [{"prompt": [{"role": "user", "content": t.prompt}], "answer": t.answer} for t in tasks]
+    config = GRPOConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        learning_rate=learning_rate,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        activation_checkpointing=False,
+        use_cpu=profile.device == "cpu",
+        bf16=profile.dtype == "bfloat16",
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=exact_match_reward,
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer

@@ -39,7 +39,7 @@ def turn_text(turn: Turn) -> str:
     return turn if isinstance(turn, str) else turn[-1]["content"]
 
 
-def _device(model) -> torch.device:
+def _device(model: Any) -> torch.device:
     # PEFT wrappers and plain modules both answer `.device`; test stubs may not.
     return getattr(model, "device", torch.device("cpu"))
 
@@ -64,7 +64,7 @@ def quiet_progress(show: bool) -> Iterator[None]:
 
 
 def train_reward_model(
-    tokenizer,
+    tokenizer: Any,
     records: Sequence[Mapping[str, Any]],
     *,
     steps: int = JUDGE_STEPS,
@@ -141,8 +141,8 @@ def train_reward_model(
 
 @torch.no_grad()
 def reward_scores(
-    reward_model,
-    tokenizer,
+    reward_model: Any,
+    tokenizer: Any,
     prompts: Sequence[Turn],
     replies: Sequence[Turn],
     batch_size: int = 64,
@@ -170,7 +170,7 @@ def reward_scores(
     return scores
 
 
-def reward_judge(tokenizer, profile: Profile | None = None, **train_kwargs: Any):
+def reward_judge(tokenizer: Any, profile: Profile | None = None, **train_kwargs: Any) -> Any:
     """A reward model trained now on the task world's training preference pairs, ready to judge."""
     from ftcourse.data import task_records
 

@@ -13,7 +13,8 @@ LINE_KINDS = ("max", "add", "count", "capital", "fact", "prose")
 LINE_WEIGHTS = (0.2, 0.2, 0.15, 0.12, 0.08, 0.25)
 # What separates a raw task from its answer. Varying it forces the model to find a task's operands by
 # what they are rather than by how far back they sit: a model that only ever saw "\n" there learned
-# position tricks that broke under the chat template, which puts five tokens in that place.
+# position tricks that broke under the chat template, which puts several tokens in that place (the
+# appendix on the embedded model counts them).
 ANSWER_GAPS = ("\n", " =\n", " ->\n", "\nanswer:\n", "\nso the answer is\n")
 GAP_WEIGHTS = (0.4, 0.15, 0.15, 0.15, 0.15)
 
