@@ -326,3 +326,12 @@ def test_grpo_trainer_steps_offline(tokenizer, scratch, no_network):
     assert no_network == []
     with pytest.raises(ValueError, match="multiple of num_generations"):
         prefs.grpo_trainer(None, tokenizer, [], batch_size=6, num_generations=4, output_dir=scratch)
+
+
+def test_step_cost_in_a_forked_child(no_network):
+    cost = prefs.step_cost("simpo", steps=1, batch_size=2)
+    assert cost["peak_mib"] >= cost["setup_mib"] > 0
+    assert cost["cpu_seconds_per_step"] > 0 and cost["trainable_parameters"] > 0
+    assert no_network == []
+    with pytest.raises(ValueError, match="method must be one of"):
+        prefs.step_cost("ppo")

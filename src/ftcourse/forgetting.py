@@ -82,10 +82,19 @@ def prompt_completion(record: dict[str, Any], tokenizer: Any) -> dict[str, str]:
 
 
 def replay_texts(n: int, lines_per_text: int = 4, profile: Profile | None = None) -> list[str]:
-    """`n` pieces of the model's pretraining text, `lines_per_text` lines each, from its first documents."""
+    """`n` pieces of general text to replay: the toy model's first documents, or the hub corpus (spark)."""
     from ftcourse.evaluate import _toy_recipe
     from ftcourse.toy.corpus import pretraining_documents
 
+    profile = profile or active_profile()
+    if profile.heldout_text:
+        # A hub model's pretraining data is not public: replay the train split of the corpus whose test
+        # split measures perplexity, so replayed and measured text never overlap.
+        from datasets import load_dataset
+
+        name, _, config = profile.heldout_text.partition(":")
+        rows = load_dataset(name, config or None, split="train")["text"]
+        return [text for text in rows if len(text.split()) >= 20][:n]
     recipe = _toy_recipe(profile)
     pieces: list[str] = []
     # The generator is deterministic and lazy: its first documents are the first the model was trained on.

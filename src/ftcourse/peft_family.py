@@ -10,6 +10,7 @@ second run in one process says little about that run.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -765,19 +766,23 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
     labels: dict[tuple[int, float], list[str]] = {}  # methods on the same point share one label
     for row in done:
         labels.setdefault((row["trainable"], round(100 * row["chat"], 1)), []).append(row["method"])
-    for index, ((trainable, chat), names) in enumerate(sorted(labels.items())):
+    placed: list[tuple[float, float]] = []
+    for (trainable, chat), names in sorted(labels.items()):
+        # Stack a label under any earlier one that sits close by (log-x within 0.4, y within 8 points).
+        crowd = sum(1 for x, y in placed if abs(x - math.log10(trainable)) < 0.4 and abs(y - chat) < 8)
+        placed.append((math.log10(trainable), chat))
         ax.annotate(
             ", ".join(names),
             (trainable, chat),
             fontsize=8,
-            xytext=(5, 4 if index % 2 == 0 else -10),  # alternate above and below to keep neighbours apart
+            xytext=(5, 4 - 11 * crowd),
             textcoords="offset points",
         )
     ax.axhline(100 * _share(base.chat_hits), color="grey", linestyle="--", linewidth=1)
-    ax.text(
-        ax.get_xlim()[0] if done else 1,
-        100 * _share(base.chat_hits),
-        " base model",
+    ax.annotate(
+        "base model",
+        (0.01, 100 * _share(base.chat_hits)),
+        xycoords=("axes fraction", "data"),  # left edge of the axes, at the base model's height
         va="bottom",
         color="grey",
         fontsize=8,

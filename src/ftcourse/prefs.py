@@ -417,17 +417,25 @@ def pair_logprobs(
     return joined[0], joined[1]
 
 
-def implicit_reward_accuracy(peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> float:
-    """Fraction of pairs whose DPO implicit reward log pi/pi_ref is higher for `chosen` (ref: adapter off).
+def pair_accuracies(
+    peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Two rankings of held-out pairs by a trained policy, as fractions of pairs ranked chosen-first.
 
-    Method-neutral: it asks whether training moved the chosen reply up relative to the rejected one,
-    measured against the model training started from, whatever loss did the moving. Ties count as misses.
+    - `implicit`: DPO's implicit reward, log pi/pi_ref summed over the completion, reference = adapter off.
+      It asks whether training moved the chosen reply up relative to the rejected one, whatever loss did
+      the moving. The start point scores 0 (every margin is exactly 0, and ties count as misses).
+    - `likelihood`: the policy's own average log-probability per token (SimPO's reward), no reference.
+      It asks which reply the trained model finds more natural, per token.
     """
     chosen, rejected = pair_logprobs(peft_model, tokenizer, records)
     with peft_model.disable_adapter():
         ref_chosen, ref_rejected = pair_logprobs(peft_model, tokenizer, records)
     margins = (chosen.total - ref_chosen.total) - (rejected.total - ref_rejected.total)
-    return (margins > 0).float().mean().item()
+    return {
+        "implicit": (margins > 0).float().mean().item(),
+        "likelihood": (chosen.mean > rejected.mean).float().mean().item(),
+    }
 
 
 # The book's standard preference runs: one recipe per profile, trained once and cached like quick_sft.
@@ -494,7 +502,7 @@ def heldout_pairs(per_family: int, kind: str | None = None) -> list[dict[str, An
 
 
 def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = None) -> dict[str, Any]:
-    """Held-out exact match (hits kept for paired tests) and implicit-reward accuracy per kind of pair."""
+    """Held-out exact match (hits kept for paired tests) and both pair accuracies (see pair_accuracies)."""
     from ftcourse import evaluate
     from ftcourse.toy import preferences as toy_prefs
     from ftcourse.toy.tasks import build_tasks
@@ -502,17 +510,16 @@ def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = N
     profile = profile or active_profile()
     sizes = RUN_SIZES[profile.name]
     report = evaluate.exact_match(peft_model, tokenizer, build_tasks("test", sizes["eval_per_family"]))
-    accuracy = {
-        kind: implicit_reward_accuracy(
-            peft_model, tokenizer, heldout_pairs(sizes["eval_pairs_per_family"], kind)
-        )
+    accuracies = {
+        kind: pair_accuracies(peft_model, tokenizer, heldout_pairs(sizes["eval_pairs_per_family"], kind))
         for kind in toy_prefs.KINDS
     }
     return {
         "exact_match": report.overall,
         "by_family": report.by_family,
         "hits": list(report.hits),
-        "pair_accuracy": accuracy,
+        "pair_accuracy": {kind: acc["implicit"] for kind, acc in accuracies.items()},
+        "likelihood_accuracy": {kind: acc["likelihood"] for kind, acc in accuracies.items()},
     }
 
 
