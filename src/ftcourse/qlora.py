@@ -1,0 +1,299 @@
+"""QLoRA: LoRA on a base model stored in 4-bit NF4, the recipe that trains a 70B model on one 128 GB desk.
+
+The recipe, step by step (Dettmers et al. 2023): load the base in 4 bit with bitsandbytes (NF4, double
+quantization, bf16 compute) through `ftcourse.quant.load_4bit`, which guards bitsandbytes' CPU bugs;
+`prepare_model_for_kbit_training` (fp32 norms and embeddings, input gradients for checkpointing); LoRA
+adapters on every linear; a paged 8-bit AdamW. Before any of it, `require_fit` asks
+`ftcourse.memory.fit_check` whether the run fits and refuses, with the numbers, one that does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ftcourse import memory, quant
+from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.sft import TrainingRun, lora_config, train_sft
+
+# Run sizes per profile. cpu: the embedded model, a few dozen steps; spark: batch 1 with accumulation.
+RUN_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "steps": 60,
+        "batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 2e-3,
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "max_length": 256,
+        "gradient_checkpointing": False,  # a 5M-parameter model: recomputation would only cost time
+        "eval_per_family": 25,
+    },
+    "spark": {
+        "steps": 100,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 16,
+        "learning_rate": 2e-4,
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "max_length": 1024,
+        "gradient_checkpointing": True,
+        "eval_per_family": 100,
+    },
+}
+OPTIMIZER = "paged_adamw_8bit"  # transformers' name; fit_check calls it "paged-adamw-8bit"
+
+
+class DoesNotFit(ValueError):
+    """A training run that the fit-check says cannot fit in the device's memory."""
+
+    def __init__(self, estimate: memory.MemoryEstimate) -> None:
+        self.estimate = estimate
+        super().__init__(
+            f"refusing to train: the fit-check puts the peak of one step at {estimate.peak_gib:.1f} GiB "
+            f"({estimate.peak_phase}), and the device has {estimate.device_bytes / memory.GIB:.1f} GiB "
+            f"({-estimate.headroom_gib:.1f} GiB short). "
+            + ("Use QLoRA (method='qlora'), or " if estimate.method != "qlora" else "Try ")
+            + f"a shorter seq_len, batch 1 with gradient accumulation, or gradient checkpointing.\n"
+            f"{estimate.table()}"
+        )
+
+
+def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
+    """A copy of the QLoRA run sizes of `profile` (default: the active one)."""
+    profile = profile or active_profile()
+    return dict(RUN_SIZES[profile.name])
+
+
+def device_memory_gb(profile: Profile | None = None) -> float:
+    """Memory the profile's device has, in decimal GB: the GPU's on cuda, the machine's RAM on cpu."""
+    profile = profile or active_profile()
+    if profile.device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    import psutil
+
+    return psutil.virtual_memory().total / 1e9
+
+
+def require_fit(
+    model: Any,
+    method: str = "qlora",
+    *,
+    device_gb: float = memory.SPARK_GB,
+    device: str = "cuda",
+    **fit_settings: Any,
+) -> memory.MemoryEstimate:
+    """The fit-check of the run; raises DoesNotFit (with the breakdown) when its verdict is 'does not fit'."""
+    estimate = memory.fit_check(model, method, device_gb=device_gb, device=device, **fit_settings)
+    if estimate.verdict == "does not fit":
+        raise DoesNotFit(estimate)
+    return estimate
+
+
+def _fit_settings(sizes: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "seq_len": sizes["max_length"],
+        "batch_size": sizes["batch_size"],
+        "lora_rank": sizes["lora_rank"],
+        "gradient_checkpointing": sizes["gradient_checkpointing"],
+        "optimizer": OPTIMIZER.replace("_", "-"),
+    }
+
+
+def load_qlora_model(
+    profile: Profile | None = None,
+    role: str = "qlora",
+    gradient_checkpointing: bool | None = None,
+    device_gb: float | None = None,
+) -> Any:
+    """The profile's model for `role` in 4-bit NF4, prepared for k-bit training; refuses one that cannot fit.
+
+    The fit-check runs on the model's config before a single weight is read, so a 70B run that cannot fit
+    fails in a second, not after loading 40 GB.
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig
+
+    profile = profile or active_profile()
+    sizes = run_sizes(profile)
+    if gradient_checkpointing is not None:
+        sizes["gradient_checkpointing"] = gradient_checkpointing
+    path = resolve_model(role, profile)
+    config = AutoConfig.from_pretrained(path, local_files_only=not profile.uses_network)
+    require_fit(
+        config,
+        "qlora",
+        device_gb=device_gb if device_gb is not None else device_memory_gb(profile),
+        device=profile.device,
+        **_fit_settings(sizes),
+    )
+    model = quant.load_4bit(
+        path,
+        compute_dtype="bfloat16",
+        device_map="cpu" if profile.device == "cpu" else "auto",
+        local_files_only=not profile.uses_network,
+    )
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=sizes["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def train_qlora(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    profile: Profile | None = None,
+    device_gb: float | None = None,
+    progress: bool = False,
+    seed: int = 0,
+    **overrides: Any,
+) -> TrainingRun:
+    """A QLoRA SFT run of a 4-bit `model` (from `load_qlora_model`), trained in place; refuses a non-fit.
+
+    `overrides` replace entries of the profile's RUN_SIZES (steps, batch_size, learning_rate, ...).
+    """
+    profile = profile or active_profile()
+    sizes = {**run_sizes(profile), **overrides}
+    unknown = set(overrides) - set(RUN_SIZES["cpu"])
+    if unknown:
+        raise ValueError(f"train_qlora: unknown size(s) {sorted(unknown)}; known: {sorted(RUN_SIZES['cpu'])}")
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise ValueError(
+            "train_qlora: the model is not loaded in 4 bit; load it with qlora.load_qlora_model(), "
+            "or train a 16/32-bit model with sft.train_sft()."
+        )
+    require_fit(
+        model.config,
+        "qlora",
+        device_gb=device_gb if device_gb is not None else device_memory_gb(profile),
+        device=profile.device,
+        **_fit_settings(sizes),
+    )
+    peft_config = lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"])
+    with warnings.catch_warnings():
+        # bitsandbytes on a CPU: "Paged optimizers are not supported on CPU", then plain 8-bit AdamW steps.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        return _train(model, tokenizer, dataset, peft_config, sizes, profile, progress, seed)
+
+
+def _train(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    peft_config: Any,
+    sizes: Mapping[str, Any],
+    profile: Profile,
+    progress: bool,
+    seed: int,
+) -> TrainingRun:
+    return train_sft(
+        model,
+        tokenizer,
+        dataset,
+        peft_config=peft_config,
+        learning_rate=sizes["learning_rate"],
+        steps=sizes["steps"],
+        batch_size=sizes["batch_size"],
+        gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+        max_length=sizes["max_length"],
+        gradient_checkpointing=sizes["gradient_checkpointing"],
+        copy_model=False,  # a 4-bit 70B is not copied; the caller loaded it for this run
+        seed=seed,
+        profile=profile,
+        progress=progress,
+        extra_args={"optim": OPTIMIZER},
+    )
+
+
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    profile: Profile | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> TrainingRun:
+    """The same run as `train_qlora` on a 16/32-bit `model` (a copy), with plain AdamW: the LoRA baseline."""
+    profile = profile or active_profile()
+    sizes = {**run_sizes(profile), **overrides}
+    return train_sft(
+        model,
+        tokenizer,
+        dataset,
+        peft_config=lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"]),
+        learning_rate=sizes["learning_rate"],
+        steps=sizes["steps"],
+        batch_size=sizes["batch_size"],
+        gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+        max_length=sizes["max_length"],
+        gradient_checkpointing=sizes["gradient_checkpointing"],
+        seed=seed,
+        profile=profile,
+        progress=False,
+    )
+
+
+def load_in(precision: str, profile: Profile | None = None, role: str = "lora") -> Any:
+    """The profile's model for `role` loaded in 'fp32', 'bf16', '8bit' or '4bit' (NF4, double quant)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    profile = profile or active_profile()
+    hf_logging.disable_progress_bar()
+    path = resolve_model(role, profile)
+    if precision == "4bit":
+        return quant.load_4bit(
+            path,
+            compute_dtype="bfloat16",
+            device_map="cpu" if profile.device == "cpu" else "auto",
+            local_files_only=not profile.uses_network,
+        )
+    options: dict[str, Any] = {"local_files_only": not profile.uses_network, "use_safetensors": True}
+    options["device_map"] = "cpu" if profile.device == "cpu" else "auto"
+    if precision == "fp32":
+        options["dtype"] = torch.float32
+    elif precision == "bf16":
+        options["dtype"] = torch.bfloat16
+    elif precision == "8bit":
+        options["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise ValueError(f"precision must be 'fp32', 'bf16', '8bit' or '4bit', got {precision!r}")
+    return AutoModelForCausalLM.from_pretrained(path, **options)
+
+
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes the model's tensors hold: {'linear layers', 'other', 'total'} (4-bit quant states included)."""
+    import bitsandbytes as bnb
+
+    linear = other = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            linear += quant.linear4bit_bytes(module)
+            seen.add(id(module.weight))
+        elif isinstance(module, torch.nn.Linear):
+            scales = getattr(module.weight, "SCB", None)  # an 8-bit weight's per-row scales
+            linear += module.weight.numel() * module.weight.element_size()
+            linear += 0 if scales is None else scales.numel() * scales.element_size()
+            seen.add(id(module.weight))
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            other += tensor.numel() * tensor.element_size()
+    return {"linear layers": linear, "other": other, "total": linear + other}
+
+
+def adapter_dtypes(model: torch.nn.Module) -> dict[str, int]:
+    """{dtype name: count} of the trainable (adapter) parameters of a trained PEFT model."""
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            key = str(param.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + 1
+    return counts
