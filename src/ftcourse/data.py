@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ftcourse.evaluate import exchanges, normalize
-from ftcourse.profiles import Profile, active_profile
+from ftcourse.profiles import Profile, active_profile, resolve_dataset
 from ftcourse.toy.tasks import FAMILIES, Task, build_tasks
 
 SCHEMAS: dict[str, tuple[str, ...]] = {
@@ -126,7 +126,13 @@ def load_records(
         per_family = -(-size // len(FAMILIES))  # ceil: every family must be able to fill its share
         tasks = build_tasks(split, per_family + 10)  # a margin for families short in this split
         return Dataset.from_list(_records(_balanced(tasks, size, split), schema))
-    dataset = load_dataset(profile.datasets[schema], split=split)
+    dataset = load_dataset(resolve_dataset(profile.datasets[schema]), split=split)
+    if schema == "preference" and "prompt" not in dataset.column_names and "chosen" in dataset.column_names:
+        # trl-lib/ultrafeedback_binarized keeps the prompt inside chosen/rejected ("implicit prompt"):
+        # split off the shared leading turns, as TRL does, so every profile sees prompt/chosen/rejected.
+        from trl.data_utils import extract_prompt
+
+        dataset = dataset.map(extract_prompt)
     missing = [c for c in SCHEMAS[schema] if c not in dataset.column_names]
     if missing:
         raise ValueError(

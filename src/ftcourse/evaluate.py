@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.profiles import Profile, active_profile, resolve_dataset, resolve_model
 from ftcourse.reward import Turn, reward_judge, reward_scores, turn_text
 from ftcourse.toy import model_dir
 from ftcourse.toy.corpus import ANSWER_GAPS, pretraining_documents
@@ -74,18 +74,25 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    no_pad = tokenizer.pad_token is None  # Llama 3.1 has no pad token; left padding is masked, EOS serves
+    if no_pad:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
     replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            list(prompts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        ).to(model.device)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                list(prompts[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            replies += tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
+    finally:
+        if no_pad:  # leave the tokenizer as it came
+            tokenizer.pad_token = None
     return replies
 
 
@@ -426,7 +433,7 @@ def heldout_texts(n_docs: int = 200, profile: Profile | None = None) -> list[str
     from datasets import load_dataset
 
     name, _, config = profile.heldout_text.partition(":")
-    dataset = load_dataset(name, config or None, split="test")
+    dataset = load_dataset(resolve_dataset(name), config or None, split="test")
     texts = [t for t in dataset["text"] if len(t.split()) >= 20]  # skip headings and blank lines
     return texts[:n_docs]
 

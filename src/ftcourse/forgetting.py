@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftcourse.profiles import Profile, active_profile
+from ftcourse.profiles import Profile, active_profile, resolve_dataset
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def replay_texts(n: int, lines_per_text: int = 4, profile: Profile | None = None
         from datasets import load_dataset
 
         name, _, config = profile.heldout_text.partition(":")
-        rows = load_dataset(name, config or None, split="train")["text"]
+        rows = load_dataset(resolve_dataset(name), config or None, split="train")["text"]
         return [text for text in rows if len(text.split()) >= 20][:n]
     recipe = _toy_recipe(profile)
     pieces: list[str] = []

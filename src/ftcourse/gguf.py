@@ -45,6 +45,18 @@ REQUIRED_CONFIG_KEYS = (
     "max_position_embeddings",
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# llama.cpp's converter, which handles what this writer refuses. It ships in the llama-cpp-python source
+# distribution (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36; unpack it):
+CONVERTER_COMMAND = (
+    "python llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py MODEL_DIR "
+    "--outfile model-f16.gguf --outtype f16"
+)
+# The pre-tokenizer regex of Llama 3 (meta-llama/Llama-3.1-8B tokenizer.json), llama.cpp's "llama-bpe".
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 class ExportError(RuntimeError):
@@ -90,18 +102,26 @@ def read_llama_config(model_dir: str | os.PathLike) -> dict:
             f"needs {', '.join(REQUIRED_CONFIG_KEYS)}."
         )
     # transformers 5 keeps RoPE settings in rope_parameters; older configs have rope_theta at top level.
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = {"rope_theta": config.get("rope_theta", 10000.0), **rope}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
     unsupported = {
-        "rope type": rope.get("rope_type", "default") != "default",
+        f"rope_type {rope_type!r}": rope_type not in ("default", "llama3"),
+        "a llama3 rope without " + ", ".join(LLAMA3_ROPE_KEYS): rope_type == "llama3"
+        and any(not isinstance(rope.get(key), (int, float)) for key in LLAMA3_ROPE_KEYS),
         "attention_bias": config.get("attention_bias", False),
         "mlp_bias": config.get("mlp_bias", False),
         "hidden_act": config.get("hidden_act", "silu") != "silu",
     }
     if found := [key for key, bad in unsupported.items() if bad]:
         raise ExportError(
-            f"{model_dir}/config.json uses {', '.join(found)}, which this writer does not handle."
+            f"{model_dir}/config.json uses {', '.join(found)}, which this writer does not handle. "
+            f"llama.cpp's converter does: {CONVERTER_COMMAND}"
         )
     config["rope_theta"] = float(rope["rope_theta"])
+    config["rope_llama3"] = (
+        {key: float(rope[key]) for key in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None
+    )
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     config["head_dim"] = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     n_heads, n_kv_heads, head_dim = (
@@ -253,6 +273,25 @@ def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor for a llama3-scaled RoPE: what divides each pair's base frequency."""
+    # Llama 3.1 stretches its 8192-token RoPE to 131072 positions (Meta's reference code,
+    # apply_scaling): pairs whose wavelength is short (< original / high_freq_factor) keep their
+    # frequency, long ones (> original / low_freq_factor) are slowed by `factor`, and those between are
+    # blended. transformers bakes this into inv_freq; llama.cpp divides theta by these factors instead.
+    scaling, head_dim = config["rope_llama3"], config["head_dim"]
+    freqs = 1.0 / config["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelength = 2 * np.pi / freqs
+    original, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    smooth = (original / wavelength - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(
+        wavelength < original / high, 1.0, np.where(wavelength > original / low, factor, blended)
+    )
+    return factors.astype(np.float32)
+
+
 # --- 3. Tokenizer metadata ---------------------------------------------------------------------
 
 
@@ -268,6 +307,7 @@ class GGUFVocab:
     bos_id: int
     add_bos: bool
     chat_template: str | None
+    pre: str = "gpt-2"  # llama.cpp's name for the pre-tokenizer: "gpt-2" or "llama-bpe"
 
 
 def _special_token_id(tok_config: dict, key: str, token_to_id: dict[str, int]) -> int | None:
@@ -289,20 +329,54 @@ def gguf_chat_template(template: str) -> str:
     return re.sub(r"\{%(-?)\s*endgeneration\s*(-?)%\}", r"{%\1 endif \2%}", template)
 
 
+def gguf_pre_tokenizer(tok_json: dict) -> str | None:
+    """llama.cpp's name for tokenizer.json's pre-tokenizer ('gpt-2' or 'llama-bpe'), or None if neither."""
+    # llama.cpp's converter recognises a vocabulary by hashing the ids of a test string, so it refuses
+    # any newly trained one; we read the pre-tokenizer's definition instead, and accept exactly two.
+    pre = tok_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt-2"  # GPT-2's regex, built into ByteLevel
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2:
+        split, byte_level = steps
+        if (
+            split.get("type") == "Split"
+            and (split.get("pattern") or {}).get("Regex") == LLAMA3_PATTERN
+            and split.get("behavior") == "Isolated"
+            and not split.get("invert")
+            and byte_level.get("type") == "ByteLevel"
+            and not byte_level.get("use_regex", True)
+            and not byte_level.get("add_prefix_space")
+        ):
+            return "llama-bpe"
+    return None
+
+
+def _post_processor_adds(tok_json: dict, bos_id: int | None) -> bool:
+    """Whether tokenizer.json's post-processor puts the BOS token before every text (Llama 3 does)."""
+    post = tok_json.get("post_processor") or {}
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            first = step["single"][0].get("SpecialToken", {}).get("id")
+            tokens = step.get("special_tokens", {}).get(first, {}).get("ids", [])
+            return bos_id is not None and tokens == [bos_id]
+    return False
+
+
 def read_gguf_vocab(model_dir: str | os.PathLike, vocab_size: int) -> GGUFVocab:
     """Read tokenizer.json/tokenizer_config.json into the GGUF 'gpt2' tokenizer layout."""
     model_dir = Path(model_dir)
     tok_json = _read_json(model_dir / "tokenizer.json")
     tok_config = _read_json(model_dir / "tokenizer_config.json")
     bpe = tok_json["model"]
-    pre = tok_json.get("pre_tokenizer") or {}
-    # We declare llama.cpp's "gpt-2" pre-tokenizer (llama.cpp's converter refuses unknown vocabularies);
-    # that is only right for a byte-level BPE that splits with GPT-2's regex and adds no prefix space.
-    if bpe.get("type") != "BPE" or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
+    pre_name = gguf_pre_tokenizer(tok_json)
+    if bpe.get("type") != "BPE" or pre_name is None:
         raise ExportError(
-            f"{model_dir}/tokenizer.json is not a GPT-2 style byte-level BPE "
-            f"(model {bpe.get('type')!r}, pre-tokenizer {pre.get('type')!r}, add_prefix_space "
-            f"{pre.get('add_prefix_space')!r}); this writer declares llama.cpp's 'gpt-2' pre-tokenizer only."
+            f"{model_dir}/tokenizer.json is neither a GPT-2 style byte-level BPE nor Llama 3's (model "
+            f"{bpe.get('type')!r}, pre-tokenizer {json.dumps(tok_json.get('pre_tokenizer'))[:160]}); this "
+            f"writer declares llama.cpp's 'gpt-2' or 'llama-bpe' pre-tokenizer only. llama.cpp's converter "
+            f"knows many more: {CONVERTER_COMMAND}"
         )
     id_to_token = {i: t for t, i in bpe["vocab"].items()}
     added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
@@ -334,7 +408,9 @@ def read_gguf_vocab(model_dir: str | os.PathLike, vocab_size: int) -> GGUFVocab:
     bos_id = _special_token_id(tok_config, "bos_token", token_to_id)
     # With no BOS key llama.cpp assumes id 11 for 'gpt2' vocabularies, an ordinary token. We name a
     # special token instead (as Qwen's GGUFs do) and keep add_bos false, so no BOS is ever added.
-    add_bos = bos_id is not None and bool(tok_config.get("add_bos_token", False))
+    add_bos = bos_id is not None and bool(
+        tok_config.get("add_bos_token", _post_processor_adds(tok_json, bos_id))
+    )
     bos_id = bos_id if bos_id is not None else (pad_id if pad_id is not None else eos_id)
 
     template_file = model_dir / "chat_template.jinja"  # transformers 5 saves the template here
@@ -348,6 +424,7 @@ def read_gguf_vocab(model_dir: str | os.PathLike, vocab_size: int) -> GGUFVocab:
         bos_id,
         add_bos,
         gguf_chat_template(template) if isinstance(template, str) else None,
+        pre_name,
     )
 
 
@@ -376,7 +453,7 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: dict, name: str, file_t
 def _add_tokenizer_metadata(writer: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
     """Tokenizer and chat template, so the GGUF file is self-contained."""
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
@@ -435,6 +512,10 @@ def write_gguf(
         try:
             _add_model_metadata(writer, config, name or model_dir.name, file_type)
             _add_tokenizer_metadata(writer, vocab)
+            if config["rope_llama3"]:  # llama3 RoPE scaling: llama.cpp reads it from this tensor
+                writer.add_tensor(
+                    gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config)
+                )
             for hf_name, array in iter_hf_tensors(model_dir):
                 if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed by llama.cpp from rope_freq_base
                     continue

@@ -30,6 +30,25 @@ CHATML_OLLAMA_TEMPLATE = """\
 {{- end }}<|im_start|>assistant
 """
 CHATML_STOP = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+# Llama 3.1's chat format in Go template syntax. It renders what Llama 3.1's Jinja template renders after
+# its BOS: the system block with the knowledge-date lines is always there, even without a system prompt.
+# The BOS itself is not in the template: Ollama adds it as a token, because the GGUF says add_bos_token.
+LLAMA3_OLLAMA_TEMPLATE = """\
+<|start_header_id|>system<|end_header_id|>
+
+Cutting Knowledge Date: December 2023
+Today Date: 26 Jul 2024
+
+{{ if .System }}{{ .System }}{{ end }}<|eot_id|>
+{{- range .Messages }}
+{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>
+
+{{ .Content }}<|eot_id|>
+{{- end }}
+{{- end }}<|start_header_id|>assistant<|end_header_id|>
+
+"""
+LLAMA3_STOP = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|start_header_id|>")
 # Greedy decoding with nothing else on top, so that Ollama picks the tokens transformers' greedy generate
 # picks. Ollama's own defaults are temperature 0.8 and repeat_penalty 1.1 over the last 64 tokens; the
 # penalty lowers every recently seen token, so it hurts answers that repeat part of the question.
@@ -76,16 +95,43 @@ def modelfile_path(gguf_file: str | os.PathLike) -> str:
     return f'"./{name}"' if any(c in name for c in " \t") else f"./{name}"
 
 
+def chat_format(chat_template: str | None) -> tuple[str, tuple[str, ...]]:
+    """The Ollama TEMPLATE and stop tokens for a model's Jinja chat template: Llama 3's, or ChatML's."""
+    if chat_template and "<|start_header_id|>" in chat_template:
+        return LLAMA3_OLLAMA_TEMPLATE, LLAMA3_STOP
+    if chat_template and "<|im_start|>" not in chat_template:
+        raise ModelfileError(
+            "The model's chat template is neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>): "
+            "pass template= and stop= in Ollama's Go template syntax for it."
+        )
+    return CHATML_OLLAMA_TEMPLATE, CHATML_STOP
+
+
+def gguf_chat_format(gguf_file: str | os.PathLike) -> tuple[str, tuple[str, ...]]:
+    """chat_format() of the chat template stored in a GGUF file; ChatML's when there is no file yet."""
+    if not Path(gguf_file).is_file():
+        return CHATML_OLLAMA_TEMPLATE, CHATML_STOP
+    from ftcourse.gguf import read_metadata
+
+    return chat_format(read_metadata(gguf_file).get("tokenizer.chat_template"))
+
+
 def modelfile_text(
     gguf_file: str | os.PathLike,
-    template: str = CHATML_OLLAMA_TEMPLATE,
+    template: str | None = None,
     system: str | None = None,
-    stop: Sequence[str] = CHATML_STOP,
+    stop: Sequence[str] | None = None,
     temperature: float = GREEDY_OPTIONS["temperature"],
     repeat_penalty: float = GREEDY_OPTIONS["repeat_penalty"],
     num_ctx: int | None = None,
 ) -> str:
-    """The text of an Ollama Modelfile: FROM our GGUF, the chat TEMPLATE, stop tokens, parameters."""
+    """The text of an Ollama Modelfile: FROM our GGUF, the chat TEMPLATE, stop tokens, parameters.
+
+    template and stop default to the GGUF file's own chat format (gguf_chat_format: Llama 3 or ChatML).
+    """
+    own_template, own_stop = gguf_chat_format(gguf_file)
+    template = own_template if template is None else template
+    stop = own_stop if stop is None else stop
     # FROM ./file is resolved relative to the Modelfile, so the folder can be moved as a whole.
     lines = [
         "# ollama create NAME -f Modelfile",
@@ -169,20 +215,21 @@ def register_with_ollama(
     gguf_path: str | os.PathLike,
     name: str,
     host: str | None = None,
-    template: str = CHATML_OLLAMA_TEMPLATE,
+    template: str | None = None,
     system: str | None = None,
     parameters: Mapping | None = None,
 ) -> str:
     """Upload the GGUF file as a blob and create Ollama model `name` from it; returns the name."""
     _require_ollama(host)
+    own_template, own_stop = gguf_chat_format(gguf_path)  # the file's own chat format, Llama 3 or ChatML
     client = _client(host)
     digest = client.create_blob(gguf_path)  # "sha256:..."; the server stores the file under that digest
     client.create(
         model=name,
         files={"model.gguf": digest},
-        template=template,
+        template=own_template if template is None else template,
         system=system,
-        parameters=dict(parameters or {"stop": list(CHATML_STOP), **GREEDY_OPTIONS}),
+        parameters=dict(parameters or {"stop": list(own_stop), **GREEDY_OPTIONS}),
     )
     return name
 

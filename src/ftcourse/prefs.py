@@ -728,9 +728,13 @@ def _one_step_cost(
     import copy
 
     from datasets import Dataset
+    from transformers.utils import logging as hf_logging
 
     from ftcourse import profiles
 
+    # This throwaway process trains on a slice of the data; TRL's advice about that slice's label balance
+    # (KTO) is not the reader's concern. Errors still reach the parent as exceptions.
+    hf_logging.set_verbosity_error()
     start_rss = _rss_mib("VmRSS")
     model = sft_start(profile)
     for param in model.parameters():

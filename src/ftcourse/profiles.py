@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ from ftcourse.toy import model_dir as toy_model_dir
 
 PROFILE_ENV = "FTCOURSE_PROFILE"
 MODEL_ENV = "FTCOURSE_MODEL"
+DATASETS_ENV = "FTCOURSE_DATASETS"  # a folder of local copies: <folder>/<owner>/<name> per hub id
+SIZES_ENV = "FTCOURSE_SIZES"  # "minimal": the profile's shared run sizes cut to a smoke test (CI, stand-ins)
+MINIMAL_SIZES = {"eval_per_family": 4, "sft_examples": 64, "sft_steps": 4}
+DEVICE_ENV = "FTCOURSE_DEVICE"  # "cpu" runs the spark profile's code (bf16, hub layouts) without a GPU
 ROLES = ("lora", "qlora")
 
 
@@ -116,6 +120,18 @@ def active_profile(environ: Mapping[str, str] | None = None) -> Profile:
         raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; choose one of {sorted(PROFILES)}.")
     if environ is os.environ:
         stay_offline(PROFILES[name])
+    sizes = environ.get(SIZES_ENV, "").strip().lower()
+    if sizes not in ("", "minimal"):
+        raise ValueError(f"{SIZES_ENV}={sizes!r} is not a size setting; use 'minimal', or leave it unset.")
+    if sizes == "minimal":
+        return replace(active_profile({k: v for k, v in environ.items() if k != SIZES_ENV}), **MINIMAL_SIZES)
+    device = environ.get(DEVICE_ENV, "").strip().lower()
+    if device and device not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={device!r} is not a device; use 'cpu' or 'cuda', or leave it unset.")
+    if device and device != PROFILES[name].device:
+        # The embedded model on a GPU runs in bf16, as the real models do: the CUDA code paths get tested.
+        dtype = "bfloat16" if device == "cuda" else PROFILES[name].dtype
+        return replace(PROFILES[name], device=device, dtype=dtype)
     return PROFILES[name]
 
 
@@ -140,6 +156,21 @@ def resolve_model(
     if Path(model).is_dir():
         check_model_folder(model, what=f"{MODEL_ENV}={model!r}" if override else repr(model))
     return model
+
+
+def resolve_dataset(hub_id: str, environ: Mapping[str, str] | None = None) -> str:
+    """The hub dataset id, or its local copy <FTCOURSE_DATASETS>/<hub id> when that variable is set."""
+    environ = os.environ if environ is None else environ
+    root = os.path.expanduser(environ.get(DATASETS_ENV, "").strip())
+    if not root:
+        return hub_id
+    local = Path(root) / hub_id
+    if not local.is_dir():
+        raise ValueError(
+            f"{DATASETS_ENV}={root!r} has no folder {hub_id!r} for the hub dataset {hub_id!r}: put a copy "
+            f"there (ftcourse.toy.standin writes stand-ins), or unset {DATASETS_ENV} to download it."
+        )
+    return str(local)
 
 
 def check_model_folder(folder: str | os.PathLike, what: str = "the model folder") -> Path:

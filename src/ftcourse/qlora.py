@@ -17,7 +17,7 @@ import torch
 
 from ftcourse import memory, quant
 from ftcourse.profiles import Profile, active_profile, resolve_model
-from ftcourse.sft import TrainingRun, lora_config, train_sft
+from ftcourse.sft import DEFAULT_TARGETS, TrainingRun, lora_config, train_sft
 
 # Run sizes per profile. cpu: the embedded model, a few dozen steps; spark: batch 1 with accumulation.
 RUN_SIZES: dict[str, dict[str, Any]] = {
@@ -31,6 +31,7 @@ RUN_SIZES: dict[str, dict[str, Any]] = {
         "max_length": 256,
         "gradient_checkpointing": False,  # a 5M-parameter model: recomputation would only cost time
         "eval_per_family": 25,
+        "logging_steps": 5,
     },
     "spark": {
         "steps": 100,
@@ -42,6 +43,7 @@ RUN_SIZES: dict[str, dict[str, Any]] = {
         "max_length": 1024,
         "gradient_checkpointing": True,
         "eval_per_family": 100,
+        "logging_steps": 10,
     },
 }
 OPTIMIZER = "paged_adamw_8bit"  # transformers' name; fit_check calls it "paged-adamw-8bit"
@@ -203,6 +205,7 @@ def _train(
         gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
         max_length=sizes["max_length"],
         gradient_checkpointing=sizes["gradient_checkpointing"],
+        logging_steps=sizes["logging_steps"],
         copy_model=False,  # a 4-bit 70B is not copied; the caller loaded it for this run
         seed=seed,
         profile=profile,
@@ -234,6 +237,7 @@ def train_lora(
         gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
         max_length=sizes["max_length"],
         gradient_checkpointing=sizes["gradient_checkpointing"],
+        logging_steps=sizes["logging_steps"],
         seed=seed,
         profile=profile,
         progress=False,
@@ -269,24 +273,26 @@ def load_in(precision: str, profile: Profile | None = None, role: str = "lora") 
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
-    """Bytes the model's tensors hold: {'linear layers', 'other', 'total'} (4-bit quant states included)."""
+    """Bytes the tensors hold: {'decoder linears', 'lm_head', 'other', 'total'}, quant states included."""
     import bitsandbytes as bnb
 
-    linear = other = 0
+    parts = {"decoder linears": 0, "lm_head": 0, "other": 0}
     seen: set[int] = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit and Linear8bitLt are Linears
+            continue
+        part = "lm_head" if name.split(".")[-1] == "lm_head" else "decoder linears"
         if isinstance(module, bnb.nn.Linear4bit):
-            linear += quant.linear4bit_bytes(module)
-            seen.add(id(module.weight))
-        elif isinstance(module, torch.nn.Linear):
+            parts[part] += quant.linear4bit_bytes(module)
+        else:
             scales = getattr(module.weight, "SCB", None)  # an 8-bit weight's per-row scales
-            linear += module.weight.numel() * module.weight.element_size()
-            linear += 0 if scales is None else scales.numel() * scales.element_size()
-            seen.add(id(module.weight))
+            parts[part] += module.weight.numel() * module.weight.element_size()
+            parts[part] += 0 if scales is None else scales.numel() * scales.element_size()
+        seen.add(id(module.weight))
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
-            other += tensor.numel() * tensor.element_size()
-    return {"linear layers": linear, "other": other, "total": linear + other}
+            parts["other"] += tensor.numel() * tensor.element_size()
+    return {**parts, "total": sum(parts.values())}
 
 
 def adapter_dtypes(model: torch.nn.Module) -> dict[str, int]:
@@ -297,3 +303,86 @@ def adapter_dtypes(model: torch.nn.Module) -> dict[str, int]:
             key = str(param.dtype).removeprefix("torch.")
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# --- Unsloth: the same QLoRA recipe with fused GPU kernels, where it can run -----------------------------
+
+UNSLOTH_PINS = "transformers<=5.17, trl<=1.15, datasets<5"  # unsloth 2026.10.9, checked on this stack
+
+
+def unsloth_status() -> tuple[bool, str]:
+    """(usable, reason): Unsloth needs its package and a CUDA GPU; the reason says what is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        return False, (
+            "the `unsloth` package is not installed: its current release pins "
+            f"{UNSLOTH_PINS}, older than this book's stack, so installing it would downgrade the stack"
+        )
+    if not torch.cuda.is_available():
+        return False, (
+            "no CUDA GPU: Unsloth's speed comes from Triton kernels that run on NVIDIA GPUs; "
+            "on a CPU it falls back to plain Hugging Face training, which is what the peft path runs anyway"
+        )
+    return True, f"Unsloth is installed and a CUDA GPU is present ({torch.cuda.get_device_name(0)})"
+
+
+def load_fast(profile: Profile | None = None, role: str = "lora") -> tuple[Any, Any, str]:
+    """(model with LoRA adapters, tokenizer, path taken): Unsloth's FastLanguageModel where usable, else peft.
+
+    Both paths load the base in 4-bit NF4 and put rank-r LoRA adapters on every linear; the third item is
+    'unsloth' or 'peft', so a caller can never mistake one for the other.
+    """
+    from peft import get_peft_model
+
+    from ftcourse.profiles import load_tokenizer
+
+    profile = profile or active_profile()
+    sizes = run_sizes(profile)
+    usable, _ = unsloth_status()
+    if usable:
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=resolve_model(role, profile), max_seq_length=sizes["max_length"], load_in_4bit=True
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=sizes["lora_rank"],
+            lora_alpha=sizes["lora_alpha"],
+            target_modules=list(DEFAULT_TARGETS),
+            use_gradient_checkpointing="unsloth" if sizes["gradient_checkpointing"] else False,
+        )
+        return model, tokenizer, "unsloth"
+    model = load_qlora_model(profile, role)
+    peft_model = get_peft_model(
+        model, lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"])
+    )
+    return peft_model, load_tokenizer(role, profile), "peft"
+
+
+def train_fast(
+    model: Any, tokenizer: Any, dataset: Any, *, profile: Profile | None = None, **overrides: Any
+) -> TrainingRun:
+    """Train the adapters of a model from `load_fast` (either path) with TRL's SFTTrainer; returns the run."""
+    profile = profile or active_profile()
+    sizes = {**run_sizes(profile), **overrides}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        return train_sft(
+            model,
+            tokenizer,
+            dataset,
+            peft_config=None,  # the adapters are already in place
+            learning_rate=sizes["learning_rate"],
+            steps=sizes["steps"],
+            batch_size=sizes["batch_size"],
+            gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
+            max_length=sizes["max_length"],
+            gradient_checkpointing=False,  # set at load time on both paths
+            logging_steps=sizes["logging_steps"],
+            copy_model=False,
+            profile=profile,
+            progress=False,
+            extra_args={"optim": OPTIMIZER},
+        )

@@ -1,0 +1,102 @@
+"""Tests for ftcourse.qlora: the fit-check refusal, tensor byte counts, and the 4-bit training entry point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftcourse import data, memory, profiles, qlora, quant
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return profiles.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset():
+    return data.load_records("messages", "train", size=32)
+
+
+def test_require_fit_refuses_bf16_lora_of_70b_with_the_numbers():
+    with pytest.raises(qlora.DoesNotFit) as caught:
+        qlora.require_fit("llama-3.1-70b", "lora", seq_len=2048)
+    estimate = memory.fit_check("llama-3.1-70b", "lora", seq_len=2048)
+    message = str(caught.value)
+    assert caught.value.estimate.peak_bytes == estimate.peak_bytes
+    assert f"{estimate.peak_gib:.1f} GiB" in message and "does not fit" in message
+    assert "method='qlora'" in message  # the advice names the fix
+
+
+def test_require_fit_returns_the_estimate_when_it_fits():
+    estimate = qlora.require_fit("llama-3.1-70b", "qlora", seq_len=2048)
+    assert estimate.verdict == "fits"
+    assert estimate.peak_bytes == memory.fit_check("llama-3.1-70b", "qlora", seq_len=2048).peak_bytes
+
+
+def test_weight_bytes_counts_fp32_tensors_exactly():
+    model = qlora.load_in("fp32")
+    counted = qlora.weight_bytes(model)
+    by_hand = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert counted["total"] == by_hand
+    decoder = sum(
+        m.weight.numel() * 4
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "layers" in n
+    )
+    assert counted["decoder linears"] == decoder
+    assert counted["lm_head"] == model.lm_head.weight.numel() * 4
+
+
+def test_weight_bytes_of_4bit_model_matches_nf4_storage_rate():
+    model = qlora.load_in("4bit")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers  # every decoder linear, not lm_head
+    counted = qlora.weight_bytes(model)
+    assert counted["decoder linears"] == sum(quant.linear4bit_bytes(m) for m in layers)
+    weights = sum(m.in_features * m.out_features for m in layers)
+    bits = 8 * counted["decoder linears"] / weights
+    # 4.127 bits per weight for NF4 with double quant; each layer adds a small codebook and state (<3%).
+    assert bits == pytest.approx(quant.bits_per_parameter(64, double_quant=True), rel=0.03)
+
+
+def test_train_qlora_refuses_a_model_not_in_4bit(tokenizer, tiny_dataset):
+    with pytest.raises(ValueError, match="not loaded in 4 bit"):
+        qlora.train_qlora(profiles.load_base(), tokenizer, tiny_dataset, steps=1)
+
+
+def test_train_qlora_rejects_an_unknown_size(tokenizer, tiny_dataset):
+    with pytest.raises(ValueError, match="unknown size"):
+        qlora.train_qlora(qlora.load_in("4bit"), tokenizer, tiny_dataset, step=1)
+
+
+def test_load_qlora_model_refuses_before_loading(monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("load_4bit ran although the fit-check said no")
+
+    monkeypatch.setattr(quant, "load_4bit", must_not_load)
+    with pytest.raises(qlora.DoesNotFit, match="refusing to train"):
+        qlora.load_qlora_model(device_gb=0.01)
+
+
+def test_train_qlora_runs_the_4bit_recipe_offline(tokenizer, tiny_dataset, no_network):
+    model = qlora.load_qlora_model()
+    assert getattr(model, "is_loaded_in_4bit", False)
+    # prepare_model_for_kbit_training: everything not quantized is fp32 and frozen.
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "norm" in n)
+    with pytest.raises(qlora.DoesNotFit):  # the entry point refuses on its own, before any trainer
+        qlora.train_qlora(model, tokenizer, tiny_dataset, steps=2, device_gb=0.01)
+    run = qlora.train_qlora(model, tokenizer, tiny_dataset, steps=2, batch_size=4, logging_steps=1)
+    assert run.losses and all(torch.isfinite(torch.tensor(loss)) for _, loss in run.losses)
+    assert qlora.adapter_dtypes(run.model) == {"bfloat16": 2 * 7 * 4}  # TRL casts adapters on a k-bit base
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in run.model.modules())
+    assert no_network == []
+
+
+def test_device_switch_puts_the_embedded_model_on_cuda_in_bf16():
+    switched = profiles.active_profile({"FTCOURSE_PROFILE": "cpu", "FTCOURSE_DEVICE": "cuda"})
+    assert (switched.name, switched.device, switched.dtype) == ("cpu", "cuda", "bfloat16")
+    assert not switched.uses_network  # still the embedded model, still offline
+    assert qlora.run_sizes(switched) == qlora.RUN_SIZES["cpu"]
