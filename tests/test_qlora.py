@@ -100,3 +100,31 @@ def test_device_switch_puts_the_embedded_model_on_cuda_in_bf16():
     assert (switched.name, switched.device, switched.dtype) == ("cpu", "cuda", "bfloat16")
     assert not switched.uses_network  # still the embedded model, still offline
     assert qlora.run_sizes(switched) == qlora.RUN_SIZES["cpu"]
+
+
+def test_unsloth_status_names_what_is_missing(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "unsloth" else real_find_spec(name)
+    )
+    usable, reason = qlora.unsloth_status()
+    assert not usable and "not installed" in reason and qlora.UNSLOTH_PINS in reason
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    usable, reason = qlora.unsloth_status()
+    assert not usable and "no CUDA GPU" in reason
+
+
+def test_load_fast_falls_back_to_peft_and_says_so(tokenizer, tiny_dataset, no_network, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, fast_tokenizer, path = qlora.load_fast()
+    assert path == "peft"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n
+    }
+    run = qlora.train_fast(model, fast_tokenizer, tiny_dataset, steps=2, batch_size=4, logging_steps=1)
+    assert [step for step, _ in run.losses] == [1, 2]
+    assert no_network == []

@@ -138,11 +138,14 @@ def load_qlora_model(
         device_map="cpu" if profile.device == "cpu" else "auto",
         local_files_only=not profile.uses_network,
     )
-    return prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=sizes["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    with warnings.catch_warnings():
+        # peft reads the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=sizes["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
 
 
 def train_qlora(
@@ -355,9 +358,11 @@ def load_fast(profile: Profile | None = None, role: str = "lora") -> tuple[Any, 
         )
         return model, tokenizer, "unsloth"
     model = load_qlora_model(profile, role)
-    peft_model = get_peft_model(
-        model, lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"])
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # as above
+        peft_model = get_peft_model(
+            model, lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"])
+        )
     return peft_model, load_tokenizer(role, profile), "peft"
 
 

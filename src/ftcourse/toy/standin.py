@@ -27,7 +27,7 @@ from typing import Any
 from ftcourse.toy.corpus import pretraining_documents
 from ftcourse.toy.tasks import build_tasks
 
-STANDIN_VERSION = "1"  # bump when what is generated changes: the cache folder name carries it
+STANDIN_VERSION = "1"  # the cache folder name carries it, and a hash of this file
 CACHE_ENV = "FTCOURSE_CACHE"
 DATASETS_ENV = "FTCOURSE_DATASETS"  # read by ftcourse.profiles.resolve_dataset
 
@@ -329,7 +329,9 @@ def standin_root() -> Path:
         repo = Path(__file__).resolve().parents[3]  # src/ftcourse/toy/standin.py -> the checkout
         writable = (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK)
         base = repo / "_build" / "ftcourse-cache" if writable else Path.home() / ".cache" / "ftcourse"
-    return base / f"spark-standin-v{STANDIN_VERSION}"
+    # the folder name carries a hash of this file: edit the generator and the next call builds afresh
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return base / f"spark-standin-v{STANDIN_VERSION}-{source}"
 
 
 def _build_into(root: Path) -> None:
