@@ -266,3 +266,17 @@ def test_modelfile_for_llama_3_uses_its_template_and_stops(f16_file, hf, tmp_pat
         assert "<|begin_of_text|>" + render_go_template(ollama.LLAMA3_OLLAMA_TEMPLATE, data) == expected
     with pytest.raises(ollama.ModelfileError, match="neither ChatML"):
         ollama.chat_format("{{ messages }}")
+
+
+def test_llama_cpp_chat_generation_sends_one_bos_and_matches_transformers(f16_file, hf):
+    from ftcourse import evaluate
+
+    model, tokenizer = hf
+    prompts = [
+        tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        for conversation in (_conversation()[:2], _conversation(system=False)[:1])
+    ]
+    assert all(p.startswith("<|begin_of_text|>") for p in prompts)  # the template writes the BOS
+    ours = llamacpp.generate_with_llama_cpp(f16_file, prompts, max_new_tokens=8)
+    theirs = evaluate.generate(model, tokenizer, prompts, max_new_tokens=8)
+    assert [evaluate.first_answer(r) for r in ours] == [evaluate.first_answer(r) for r in theirs]

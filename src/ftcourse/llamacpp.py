@@ -339,10 +339,11 @@ def generate_with_llama_cpp(
     replies = []
     try:
         for prompt in prompts:
-            # A string prompt gets a BOS only if the file says add_bos_token=true (ours says false).
+            # Token ids, not the string: for a string llama.cpp adds a BOS when the file says add_bos_token
+            # (Llama 3's do), and a chat template that writes <|begin_of_text|> itself would get two.
             # prefix_ids puts tokens in front anyway: what a runtime that adds a BOS token would send.
             ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-            request = [*prefix_ids, *ids] if prefix_ids else prompt
+            request = [*prefix_ids, *ids]
             llm.reset()  # no reuse of the previous prompt's cache: every prompt starts clean
             # temperature 0 selects llama.cpp's greedy sampler; generation stops at the file's EOS token.
             completion = llm.create_completion(request, max_tokens=max_new_tokens, temperature=0.0)
