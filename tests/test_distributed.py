@@ -45,6 +45,8 @@ def test_launch_command_runs_this_module_under_accelerate(tmp_path):
 def test_run_rejects_bad_arguments():
     with pytest.raises(ValueError, match="strategy must be one of"):
         distributed.run("zero3")
+    with pytest.raises(ValueError, match="'fsdp' needs GPUs"):  # it would silently run as DDP on a CPU
+        distributed.run("fsdp")
     with pytest.raises(ValueError, match="does not split evenly"):
         distributed.run("ddp", global_batch=15)
 
@@ -68,4 +70,10 @@ def test_train_process_single_runs_offline_and_writes_rank0_record(tmp_path, no_
     assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(record))
     assert record["world_size"] == 1 and record["global_batch"] == 4
     assert [step for step, _ in record["losses"]] == [1, 2]
+    assert record["distributed_type"] == "NO"  # one process: accelerate runs no distributed engine
     assert no_network == []
+
+
+def test_every_launch_config_exists():
+    assert set(distributed.LAUNCH_CONFIGS.values()) <= set(distributed.CONFIGS)
+    assert distributed.CONFIGS["multi-gpu-ddp"]["distributed_type"] == "MULTI_GPU"

@@ -59,8 +59,8 @@ def test_hub_schema_loaders_give_every_profile_the_same_columns(spark_standin):
     # ultrafeedback has an implicit prompt; load_records splits it off as the cpu profile's records have it
     pair = data.load_records("preference", "test", size=1)[0]
     assert [m["role"] for m in pair["prompt"]] == ["user"] and pair["chosen"][0]["role"] == "assistant"
-    with pytest.raises(ValueError, match="has 40 rows, fewer than size=41"):
-        data.load_records("alpaca", "train", size=41)
+    with pytest.raises(ValueError, match="has 64 rows, fewer than size=65"):
+        data.load_records("alpaca", "train", size=65)
 
 
 def test_perplexity_and_replay_text_come_from_the_wikitext_layout(spark_standin):
@@ -120,6 +120,19 @@ def test_export_of_the_trained_model_agrees_with_llama_cpp(base, sft_run, tmp_pa
         "<|start_header_id|>assistant<|end_header_id|>" in modelfile
         and 'PARAMETER stop "<|eot_id|>"' in modelfile
     )
+
+
+def test_qlora_loads_the_spark_model_in_4_bit_and_trains_a_step(base, no_network):
+    from ftcourse import qlora
+
+    model = qlora.load_qlora_model()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    records = data.load_records("messages", "train", size=2)
+    run = qlora.train_qlora(
+        model, profiles.load_tokenizer(), records, steps=1, gradient_accumulation_steps=1, max_length=128,
+        logging_steps=1,
+    )  # fmt: skip
+    assert no_network == [] and len(run.losses) == 1 and math.isfinite(run.losses[0][1])
 
 
 def test_ollama_judge_needs_a_server(spark_standin):

@@ -279,4 +279,7 @@ def test_llama_cpp_chat_generation_sends_one_bos_and_matches_transformers(f16_fi
     assert all(p.startswith("<|begin_of_text|>") for p in prompts)  # the template writes the BOS
     ours = llamacpp.generate_with_llama_cpp(f16_file, prompts, max_new_tokens=8)
     theirs = evaluate.generate(model, tokenizer, prompts, max_new_tokens=8)
-    assert [evaluate.first_answer(r) for r in ours] == [evaluate.first_answer(r) for r in theirs]
+    # a random model emits stray bytes: transformers decodes them as U+FFFD, llama.cpp drops them
+    assert [evaluate.first_answer(r) for r in ours] == [
+        evaluate.first_answer(r.replace("\ufffd", "")) for r in theirs
+    ]

@@ -3,8 +3,9 @@
 Nothing here is a home-made parallel engine. `launch` writes an accelerate config and starts
 `accelerate launch -m ftcourse.distributed train ...`; every process runs `ftcourse.sft.train_sft`, and
 transformers' Trainer, through accelerate, does the data sharding, the gradient all-reduce (DDP) or the
-parameter sharding (FSDP). On the cpu profile the processes talk over gloo on this machine. The same
-module writes the configs for two linked DGX Sparks and for a multi-GPU server (`CONFIGS`).
+parameter sharding (FSDP, GPUs only: accelerate runs every multi-process CPU job as DDP). On the cpu
+profile the processes talk over gloo on this machine. The same module writes the configs for two linked
+DGX Sparks and for a multi-GPU server (`CONFIGS`).
 """
 
 from __future__ import annotations
@@ -54,18 +55,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "mixed_precision": "no",
         "use_cpu": False,
     },
-    "cpu-fsdp": {
-        **_COMMON,
-        "distributed_type": "FSDP",
-        "num_machines": 1,
-        "num_processes": 2,
-        "machine_rank": 0,
-        "main_process_ip": "127.0.0.1",
-        "main_process_port": 29512,
-        "mixed_precision": "no",
-        "use_cpu": False,
-        "fsdp_config": _FSDP,
-    },
     # Two DGX Sparks joined by their ConnectX-7 link: one process (one GB10 GPU) per machine. Run the same
     # command on both, with machine_rank 0 on the first and 1 on the second.
     "two-sparks": {
@@ -94,7 +83,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "use_cpu": False,
         "fsdp_config": _FSDP,
     },
+    # The same server with plain DDP: every GPU holds the whole model (fine for LoRA on a model that fits).
+    "multi-gpu-ddp": {
+        **_COMMON,
+        "distributed_type": "MULTI_GPU",
+        "num_machines": 1,
+        "num_processes": 8,
+        "machine_rank": 0,
+        "gpu_ids": "all",
+        "main_process_port": 29500,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+    },
 }
+
+
+# (device, strategy) -> the config `run` launches with.
+LAUNCH_CONFIGS = {("cpu", "ddp"): "cpu-ddp", ("cuda", "ddp"): "multi-gpu-ddp", ("cuda", "fsdp"): "multi-gpu"}
 
 
 def config_yaml(name: str, **changes: Any) -> str:
@@ -143,6 +148,13 @@ def run(
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "fsdp" and active_profile().device == "cpu":
+        # accelerate 1.15 runs every multi-process CPU job as MULTI_CPU (DDP over gloo), whatever the config
+        # says: an "FSDP" run here would silently be DDP. Refuse instead.
+        raise ValueError(
+            "strategy 'fsdp' needs GPUs: accelerate runs multi-process CPU jobs as DDP (MULTI_CPU) even with "
+            "an FSDP config. Use 'ddp' on a CPU, or set FTCOURSE_DEVICE=cuda on a machine with GPUs."
+        )
     sizes = RUN_SIZES[active_profile().name]
     steps = steps or sizes["steps"]
     global_batch = global_batch or sizes["global_batch"]
@@ -155,8 +167,9 @@ def run(
         train_args += ["--strategy", strategy, "--out", str(result)]
         if strategy == "single":
             command = [sys.executable, "-m", "ftcourse.distributed", "train", *train_args]
+
         else:
-            name = f"cpu-{strategy}" if active_profile().device == "cpu" else "multi-gpu"
+            name = LAUNCH_CONFIGS[(active_profile().device, strategy)]
             config = write_config(name, Path(scratch) / f"{name}.yaml", num_processes=processes)
             command = launch_command(name, config, train_args)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -177,6 +190,7 @@ def train_process(steps: int, per_device_batch: int, strategy: str, out: str | o
     import warnings
 
     import torch
+    from accelerate import PartialState
 
     from ftcourse import data, profiles, sft
 
@@ -214,7 +228,7 @@ def train_process(steps: int, per_device_batch: int, strategy: str, out: str | o
         "seconds": run.seconds,
         "trainable_parameters": run.trainable_parameters,
         # What the engine did to the model: FSDP2 turns parameters into DTensor shards.
-        "model_class": type(run.model).__name__,
+        "distributed_type": PartialState().distributed_type.value,  # what accelerate really ran
         "parameter_types": sorted({type(p).__name__ for p in run.model.parameters()}),
     }
     if rank == 0:

@@ -2,9 +2,12 @@
 
     check_model_dir -> read_llama_config + tensor table -> permute_qk -> write_gguf (f32, f16, q8_0)
 
-A model folder is checked completely before a byte is written: config.json against the weights (layer
-count, heads x head dim, KV heads, every tensor present with its shape, nothing unexpected), and every
-file readable. `gguf_stats` and `read_metadata` read a written file back.
+Llama 2-style models with a GPT-2 byte-level tokenizer (the embedded model) and Llama 3.1-style ones
+(llama3-scaled RoPE, written as llama.cpp's `rope_freqs` tensor; the `llama-bpe` pre-tokenizer; a BOS
+added as tokenizer.json's post-processor adds it) are written; anything else is refused with the command
+of llama.cpp's own converter. A model folder is checked completely before a byte is written: config.json
+against the weights (layer count, heads x head dim, KV heads, every tensor present with its shape,
+nothing unexpected), and every file readable. `gguf_stats` and `read_metadata` read a written file back.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def read_llama_config(model_dir: str | os.PathLike) -> dict:
         raise ExportError(
             f"Cannot export architecture {architectures[0]!r}: this GGUF writer supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} only. For other architectures use llama.cpp's "
-            f"convert_hf_to_gguf.py."
+            f"converter: {CONVERTER_COMMAND}"
         )
     if missing := [key for key in REQUIRED_CONFIG_KEYS if not isinstance(config.get(key), (int, float))]:
         raise ExportError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -735,6 +736,7 @@ def _one_step_cost(
     # This throwaway process trains on a slice of the data; TRL's advice about that slice's label balance
     # (KTO) is not the reader's concern. Errors still reach the parent as exceptions.
     hf_logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)  # TRL logs through accelerate, i.e. stdlib logging
     start_rss = _rss_mib("VmRSS")
     model = sft_start(profile)
     for param in model.parameters():

@@ -295,15 +295,19 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"train": wikitext_rows, "validation": wikitext_rows, "test": wikitext_rows},
     ),
 }
-ROWS_PER_FAMILY = 10  # 40 rows per split: "a few dozen"
+ROWS_PER_FAMILY = 16  # 64 rows per split: "a few dozen", enough for the chapters at minimal sizes
 
 
-def write_dataset(folder: Path, config: str, splits: Mapping[str, Any], per_family: int) -> Path:
+def write_dataset(
+    folder: Path, config: str, splits: Mapping[str, Any], per_family: int, folder_tag: str = "standin"
+) -> Path:
     """One hub-shaped dataset folder: a JSON Lines file per split and a README naming the config."""
     folder.mkdir(parents=True, exist_ok=True)
     card = ["---", "configs:", f"- config_name: {config}", "  data_files:"]
     for split, make_rows in splits.items():
-        name = f"{config}/{split}.jsonl"
+        # The name carries the folder's name (a hash of this file): datasets caches a local folder's
+        # splits under a key made from the relative file names, and would serve an older stand-in's rows.
+        name = f"{config}/{split}-{folder_tag}.jsonl"
         (folder / config).mkdir(exist_ok=True)
         with open(folder / name, "w", encoding="utf-8") as out:
             for row in make_rows(split, per_family):
@@ -344,7 +348,7 @@ def _build_into(root: Path) -> None:
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     for hub_id, (config, splits) in DATASETS.items():
-        write_dataset(root / "datasets" / hub_id, config, splits, ROWS_PER_FAMILY)
+        write_dataset(root / "datasets" / hub_id, config, splits, ROWS_PER_FAMILY, standin_root().name)
     (root / "complete").write_text("ok\n")
 
 
