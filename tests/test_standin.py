@@ -151,6 +151,9 @@ def test_standin_environment_points_spark_at_local_folders(root):
     assert profiles.resolve_dataset("yahma/alpaca-cleaned", {}) == "yahma/alpaca-cleaned"  # default: the hub
     with pytest.raises(ValueError, match="FTCOURSE_DATASETS.*no folder 'someone/else'"):
         profiles.resolve_dataset("someone/else", env)
+    with pytest.raises(ValueError, match="FTCOURSE_SIZES='tiny' is not a size setting"):
+        profiles.active_profile({**env, profiles.SIZES_ENV: "tiny"})
+    assert profiles.active_profile({profiles.PROFILE_ENV: "spark"}).sft_steps == 500  # unset: real sizes
 
 
 # --- GGUF of a Llama 3.1 architecture --------------------------------------------------------------------

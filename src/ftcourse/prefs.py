@@ -24,8 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ftcourse.profiles import Profile, active_profile
-from ftcourse.sft import _offline_environment as offline_environment  # no hub calls on a no-network profile
+from ftcourse.profiles import Profile, active_profile, stay_offline
 from ftcourse.sft import lora_config
 
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
@@ -321,7 +320,7 @@ def preference_trainer(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     profile = profile or active_profile()
-    offline_environment(profile)
+    stay_offline(profile)
     defaults = METHOD_DEFAULTS[method]
     beta = defaults["beta"] if beta is None else beta
     gamma = defaults.get("gamma", 0.0) if gamma is None else gamma
@@ -850,7 +849,7 @@ def grpo_trainer(
             f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})"
         )
     profile = profile or active_profile()
-    offline_environment(profile)
+    stay_offline(profile)
     records = [{"prompt": [{"role": "user", "content": t.prompt}], "answer": t.answer} for t in tasks]
     config = GRPOConfig(
         output_dir=output_dir,

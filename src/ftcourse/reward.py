@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ftcourse.profiles import Profile, active_profile, resolve_model
-from ftcourse.sft import TrainingRun, _offline_environment
+from ftcourse.profiles import Profile, active_profile, resolve_model, stay_offline
+from ftcourse.sft import TrainingRun
 
 Turn = str | Sequence[Mapping[str, str]]  # a chat turn: plain text, or already a list of messages
 
@@ -87,7 +87,7 @@ def train_reward_model(
             f"steps and batch_size must be at least 1, got steps={steps}, batch_size={batch_size}"
         )
     profile = profile or active_profile()
-    _offline_environment(profile)  # no telemetry, no hub lookups on a profile without network
+    stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
     recipe = {
         "method": "reward model (full fine-tuning, scalar head)",
         "learning_rate": learning_rate,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.profiles import Profile, active_profile, resolve_model, stay_offline
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_ENV = "FTCOURSE_CACHE"  # overrides where quick_sft keeps its trained adapters
@@ -62,22 +62,6 @@ class TrainingRun:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     log_history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's raw log
     output_dir: str | None = None  # where checkpoints went, when the caller asked to keep them
-
-
-def _offline_environment(profile: Profile) -> None:
-    """On a profile without network, tell huggingface_hub and the libraries never to ask the hub."""
-    if profile.uses_network:
-        return
-    # huggingface_hub reads these lazily on each call, so setting them before training is enough.
-    for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ[name] = "1"
-    try:
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
-        constants.HF_HUB_DISABLE_TELEMETRY = True
-    except (ImportError, AttributeError):  # an older hub client: the environment variables do the job
-        pass
 
 
 @contextmanager
@@ -198,7 +182,7 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     profile = profile or active_profile()
-    _offline_environment(profile)
+    stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
     steps = steps or profile.sft_steps
     if eval_dataset is not None and eval_steps is None:
         eval_steps = max(1, steps // 10)
@@ -407,7 +391,7 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
     from ftcourse import data, profiles
 
     profile = profile or active_profile()
-    _offline_environment(profile)
+    stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
     folder = quick_cache_dir(profile, seed)
     base = profiles.load_base(profile=profile)
     if (folder / "run.json").is_file() and (folder / "adapter_model.safetensors").is_file():
