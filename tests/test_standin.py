@@ -153,7 +153,8 @@ def test_standin_environment_points_spark_at_local_folders(root):
         profiles.resolve_dataset("someone/else", env)
     with pytest.raises(ValueError, match="FTCOURSE_SIZES='tiny' is not a size setting"):
         profiles.active_profile({**env, profiles.SIZES_ENV: "tiny"})
-    assert profiles.active_profile({profiles.PROFILE_ENV: "spark"}).sft_steps == 500  # unset: real sizes
+    spark = profiles.PROFILES["spark"]
+    assert profiles.active_profile({profiles.PROFILE_ENV: "spark"}) == spark  # unset: sizes as they are
 
 
 # --- GGUF of a Llama 3.1 architecture --------------------------------------------------------------------
