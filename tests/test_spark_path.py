@@ -101,6 +101,12 @@ def test_exact_match_runs_with_a_tokenizer_without_pad_token(base, sft_run):
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
+def test_packing_losses_need_no_pad_token(base):
+    tokenizer = profiles.load_tokenizer()
+    losses = sft.packing_losses(base[0], tokenizer, data.load_records("messages", "train", size=2))
+    assert tokenizer.pad_token is None and losses and all(math.isfinite(v) for v in losses.values())
+
+
 def test_export_of_the_trained_model_agrees_with_llama_cpp(base, sft_run, tmp_path):
     tokenizer = base[1]
     result = export.export_pipeline(

@@ -473,7 +473,8 @@ def packing_losses(model: Any, tokenizer: Any, records: Sequence[Mapping[str, An
         table = data.assistant_mask(tokenizer, record["messages"])
         ids = [i for _, i, _ in table]
         examples.append({"input_ids": ids, "labels": [i if counted else -100 for _, i, counted in table]})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # Llama 3.1
+    # Llama 3.1 has no pad token; the collators pad by position, so EOS serves
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padded = DataCollatorForLanguageModeling(pad_token_id=pad_id)(examples)
     packed = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)(examples)
     naive = {"input_ids": packed["input_ids"], "labels": packed["labels"]}
