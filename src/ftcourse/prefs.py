@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcourse.profiles import Profile, active_profile, stay_offline
-from ftcourse.sft import lora_config
+from ftcourse.sft import lora_config, save_cached_adapter
 
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -616,31 +615,15 @@ def preference_run(
         cpu,
         evaluate_policy(model, tokenizer, profile),
     )
-    _save_run(run, folder)
+    summary = {
+        "recipe": run.recipe,
+        "history": run.history,
+        "seconds": run.seconds,
+        "cpu_seconds": run.cpu_seconds,
+        "evaluation": run.evaluation,
+    }
+    save_cached_adapter(run.model, summary, folder)
     return run
-
-
-def _save_run(run: PreferenceRun, folder: Path) -> None:
-    """Adapter and run.json into a temporary sibling folder, renamed into place (atomic)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        run.model.save_pretrained(str(partial), safe_serialization=True)
-        summary = {
-            "recipe": run.recipe,
-            "history": run.history,
-            "seconds": run.seconds,
-            "cpu_seconds": run.cpu_seconds,
-            "evaluation": run.evaluation,
-        }
-        (partial / "run.json").write_text(json.dumps(summary, indent=1))
-        try:
-            os.rename(partial, folder)
-        except OSError:
-            if not (folder / "run.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
 
 
 @torch.no_grad()

@@ -425,24 +425,28 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
         copy_model=False,  # `base` was loaded for this run alone
     )
     run.recipe = {**run.recipe, **recipe, "examples": len(records)}
-    _save_quick_run(run, folder)
+    summary = {
+        "losses": run.losses,
+        "seconds": run.seconds,
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters,
+        "recipe": run.recipe,
+    }
+    save_cached_adapter(run.model, summary, folder)
     return run
 
 
-def _save_quick_run(run: TrainingRun, folder: Path) -> None:
-    """Write the adapter and run.json into a temporary sibling folder, then rename it into place."""
+def save_cached_adapter(model: Any, summary: Mapping[str, Any], folder: Path) -> Path:
+    """Write an adapter and its `run.json` summary as one cache entry; returns `folder`.
+
+    Both go into a temporary sibling folder that is renamed into place, so a reader never sees half an
+    entry. When another process has cached the same run first, its entry is kept.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        run.model.save_pretrained(str(partial), safe_serialization=True)
-        summary = {
-            "losses": run.losses,
-            "seconds": run.seconds,
-            "trainable_parameters": run.trainable_parameters,
-            "total_parameters": run.total_parameters,
-            "recipe": run.recipe,
-        }
-        (partial / "run.json").write_text(json.dumps(summary, indent=1))
+        model.save_pretrained(str(partial), safe_serialization=True)
+        (partial / "run.json").write_text(json.dumps(dict(summary), indent=1))
         try:
             os.rename(partial, folder)  # atomic; fails if another process cached the same run first
         except OSError:
@@ -450,6 +454,7 @@ def _save_quick_run(run: TrainingRun, folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return folder
 
 
 # --- packing: the same loss, if attention stays inside each example ----------------------------------------
