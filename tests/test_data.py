@@ -57,8 +57,10 @@ def test_load_records_spreads_families_evenly_and_keeps_the_default_size():
 
 
 def test_load_records_says_why_it_cannot_give_size_records():
-    with pytest.raises(ValueError, match=r"'test' split holds \d+ distinct tasks.*fewer than size=2000"):
-        load_records("messages", "test", size=2000, profile=CPU)
+    # max and count never run out of distinct tasks, so the refusal is checked on a drawn pool of 12
+    pool = data.build_tasks("test", 3)
+    with pytest.raises(ValueError, match=r"'test' split holds 12 distinct tasks.*fewer than size=13"):
+        data._balanced(pool, 13, "test")
     with pytest.raises(ValueError, match="size must be a positive"):
         load_records("messages", "test", size=0, profile=CPU)
 
@@ -263,3 +265,11 @@ def test_clean_counts_every_row_it_removes():
     counts = report.counts()
     assert counts == {"read": 14, "removed: invalid": 1, "removed: exact duplicates": 1, "kept": 12}
     assert counts["read"] == counts["kept"] + sum(v for k, v in counts.items() if k.startswith("removed"))
+
+
+def test_load_records_fills_a_short_family_from_the_others():
+    # capital has 140 training tasks, fewer than a quarter of 1040: the other families make up the rest
+    records = data.load_records("messages", "train", size=1040, profile=profiles.PROFILES["cpu"])
+    assert len(records) == 1040
+    prompts = [r["messages"][0]["content"] for r in records]
+    assert len(set(prompts)) == len(prompts)

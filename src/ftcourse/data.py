@@ -125,6 +125,8 @@ def load_records(
             return Dataset.from_list(task_records(split, schema, profile.sft_examples // len(FAMILIES)))
         per_family = -(-size // len(FAMILIES))  # ceil: every family must be able to fill its share
         tasks = build_tasks(split, per_family + 10)  # a margin for families short in this split
+        if len(tasks) < size:  # a family ran short in this split: draw more so the others fill in
+            tasks = build_tasks(split, size)
         return Dataset.from_list(_records(_balanced(tasks, size, split), schema))
     dataset = load_dataset(resolve_dataset(profile.datasets[schema]), split=split)
     if schema == "preference" and "prompt" not in dataset.column_names and "chosen" in dataset.column_names:
