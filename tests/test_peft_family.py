@@ -81,10 +81,10 @@ def test_adalora_allocator_passes_the_zero_based_step_after_the_optimizer_step()
 
 
 def test_peak_rss_sees_an_allocation_after_a_reset():
-    peft_family.reset_peak_rss()
-    start = peft_family.rss_mib()
+    memory.reset_peak_rss()
+    start = memory.rss_mib()
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    peak = peft_family.peak_rss_mib()
+    peak = memory.peak_rss_mib()
     del block
     assert peak - start > 50
 

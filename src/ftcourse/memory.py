@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -457,12 +456,29 @@ def probe_config(name: str) -> dict[str, Any]:
     return {k: config[k] for k in (*MID_LLAMA,) if k in config}
 
 
-def _rss_bytes() -> int:
+def _status_kib(field_name: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM peak), in KiB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status: the CPU probe needs Linux")
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name} line; memory is measured on Linux only")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak-resident-memory counter (Linux: write 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since start or the last `reset_peak_rss`, in MiB."""
+    return _status_kib("VmHWM") / 1024
 
 
 def measure_here(
@@ -485,7 +501,8 @@ def measure_here(
     if method not in ("full", "lora"):
         raise ValueError(f"the CPU probe measures 'full' or 'lora', got {method!r}")
     torch.manual_seed(0)
-    baseline = _rss_bytes()
+    reset_peak_rss()  # the peak of importing the libraries is not the step's
+    baseline = int(rss_mib() * 2**20)
     model = LlamaForCausalLM(LlamaConfig(**config, use_cache=False))
     model.config._attn_implementation = "sdpa"
     if method == "lora":
@@ -506,7 +523,7 @@ def measure_here(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = float(out.loss)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = int(peak_rss_mib() * 2**20)
     return {
         "method": method,
         "seq_len": seq_len,

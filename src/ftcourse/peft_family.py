@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import re
 import resource
 import statistics
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftcourse.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from ftcourse.profiles import Profile, active_profile, resolve_model
 from ftcourse.sft import DEFAULT_TARGETS
 
@@ -282,31 +282,6 @@ def trainable_at_scale(arch: Any, name: str, sizes: FamilySizes | None = None) -
 # ---------------------------------------------------------------------------------------------------------
 # Measuring a run: memory, time per step
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field_name: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM peak), in KiB."""
-    with open("/proc/self/status") as status:
-        match = re.search(rf"^{field_name}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field_name} line; memory is measured on Linux only")
-    return int(match.group(1))
-
-
-def rss_mib() -> float:
-    """Resident memory of this process now, in MiB."""
-    return _status_kib("VmRSS") / 1024
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's peak-resident-memory counter (Linux: write 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since start or the last `reset_peak_rss`, in MiB."""
-    return _status_kib("VmHWM") / 1024
 
 
 def step_meter() -> Any:

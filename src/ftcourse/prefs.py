@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ftcourse.memory import peak_rss_mib, rss_mib
 from ftcourse.profiles import Profile, active_profile, stay_offline
 from ftcourse.sft import lora_config, save_cached_adapter
 
@@ -696,14 +697,6 @@ def trl_comparison(
 # Cost of a training step, measured in a fresh process.
 
 
-def _rss_mib(field_name: str) -> float:
-    """VmRSS or VmHWM (peak) of this process from /proc/self/status, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field_name}: peak memory can only be measured on Linux")
-
-
 def _one_step_cost(
     method: str, full: bool, steps: int, batch_size: int, profile: Profile
 ) -> dict[str, float]:
@@ -719,7 +712,7 @@ def _one_step_cost(
     # (KTO) is not the reader's concern. Errors still reach the parent as exceptions.
     hf_logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)  # TRL logs through accelerate, i.e. stdlib logging
-    start_rss = _rss_mib("VmRSS")
+    start_rss = rss_mib()
     model = sft_start(profile)
     for param in model.parameters():
         param.requires_grad_(full)
@@ -738,14 +731,14 @@ def _one_step_cost(
             output_dir=scratch,
             profile=profile,
         )
-        setup_rss = _rss_mib("VmRSS")  # models (and the reference copy) loaded, trainer built
+        setup_rss = rss_mib()  # models (and the reference copy) loaded, trainer built
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.train()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "setup_mib": setup_rss - start_rss,
-        "peak_mib": _rss_mib("VmHWM") - start_rss,
+        "peak_mib": peak_rss_mib() - start_rss,
         "seconds_per_step": wall / steps,
         "cpu_seconds_per_step": cpu / steps,
         "trainable_parameters": float(trainable),
