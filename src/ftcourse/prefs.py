@@ -767,6 +767,9 @@ def step_cost(
     pid = os.fork()
     if pid == 0:  # the child: measure, report through the pipe, leave without running the caller's cleanup
         os.close(read_end)
+        # OpenMP's thread pool does not survive fork(): a child that enters a parallel region the parent
+        # used waits forever for threads it does not have. One thread keeps torch out of those regions.
+        torch.set_num_threads(1)
         try:
             result = {"ok": True, **_one_step_cost(method, full, steps, batch_size, profile)}
         except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as text
