@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,9 +24,11 @@ PROFILE_ENV = "FTCOURSE_PROFILE"
 MODEL_ENV = "FTCOURSE_MODEL"
 DATASETS_ENV = "FTCOURSE_DATASETS"  # a folder of local copies: <folder>/<owner>/<name> per hub id
 SIZES_ENV = "FTCOURSE_SIZES"  # "minimal": the profile's shared run sizes cut to a smoke test (CI, stand-ins)
-MINIMAL_SIZES = {"eval_per_family": 4, "sft_examples": 64, "sft_steps": 4}
+MINIMAL_SIZES = {"eval_per_family": 4, "sft_examples": 64, "sft_steps": 4, "minimal": True}
+SKIP_LOG_ENV = "FTCOURSE_SKIP_LOG"  # a file where note_skip appends what a run could not do here, and why
 DEVICE_ENV = "FTCOURSE_DEVICE"  # "cpu" runs the spark profile's code (bf16, hub layouts) without a GPU
 ROLES = ("lora", "qlora")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Profile:
     sft_steps: int = 150
     judge: str = "reward-model"  # win-rate judge: "reward-model" (trained on the task world) or "ollama:NAME"
     heldout_text: str = ""  # perplexity text: "" = fresh toy pretraining documents, else "hub_id:config"
+    minimal: bool = False  # FTCOURSE_SIZES=minimal: every module's run sizes cut to a smoke test
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -133,6 +136,25 @@ def active_profile(environ: Mapping[str, str] | None = None) -> Profile:
         dtype = "bfloat16" if device == "cuda" else PROFILES[name].dtype
         return replace(PROFILES[name], device=device, dtype=dtype)
     return PROFILES[name]
+
+
+def run_sizes(table: Mapping[str, T], profile: Profile | None = None) -> T:
+    """A module's sizes for the profile: `table["minimal"]` under FTCOURSE_SIZES=minimal, else by name."""
+    profile = profile or active_profile()
+    key = "minimal" if profile.minimal and "minimal" in table else profile.name
+    if key not in table:
+        raise ValueError(f"no run sizes for profile {key!r}; this table knows {sorted(table)}")
+    return table[key]
+
+
+def note_skip(what: str, why: str) -> str:
+    """Say in one line that `what` cannot run here and why; log it for the test run; return the line."""
+    line = f"Skipped here: {what}. {why}"
+    log = os.environ.get(SKIP_LOG_ENV, "").strip()
+    if log:
+        with open(log, "a", encoding="utf-8") as handle:  # one JSON object a line; appends are atomic
+            handle.write(json.dumps({"what": what, "why": why, "profile": active_profile().name}) + "\n")
+    return line
 
 
 def resolve_model(
