@@ -104,3 +104,29 @@ def test_lora_sft_makes_no_network_call(no_network):
 
     assert no_network == []  # TRL's telemetry ping and hub lookups are off on the cpu profile
     assert run.model is not model  # it trained a copy, offline
+
+
+def test_run_sizes_take_the_minimal_entry_only_under_minimal_sizes(monkeypatch):
+    table = {"cpu": {"steps": 20}, "spark": {"steps": 500}, "minimal": {"steps": 2}}
+    assert profiles.run_sizes(table, profiles.active_profile({})) == {"steps": 20}
+    spark_minimal = profiles.active_profile({"FTCOURSE_PROFILE": "spark", "FTCOURSE_SIZES": "minimal"})
+    assert spark_minimal.minimal and spark_minimal.eval_per_family == 4
+    assert profiles.run_sizes(table, spark_minimal) == {"steps": 2}
+    # A table without a minimal entry falls back to the profile's own; one without either names the gap.
+    assert profiles.run_sizes({"spark": 7}, spark_minimal) == 7
+    with pytest.raises(ValueError, match=r"no run sizes for profile 'spark'; this table knows \['cpu'\]"):
+        profiles.run_sizes({"cpu": 1}, spark_minimal)
+
+
+def test_note_skip_returns_its_line_and_logs_it_as_json(monkeypatch, tmp_path):
+    import json
+
+    log = tmp_path / "skips.jsonl"
+    monkeypatch.delenv(profiles.SKIP_LOG_ENV, raising=False)
+    assert profiles.note_skip("the judge", "No server.") == "Skipped here: the judge. No server."
+    assert not log.exists()
+    monkeypatch.setenv(profiles.SKIP_LOG_ENV, str(log))
+    profiles.note_skip("the judge", "No server.")
+    profiles.note_skip("Unsloth", "Needs CUDA.")
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["what"] for row in rows] == ["the judge", "Unsloth"] and rows[1]["why"] == "Needs CUDA."
