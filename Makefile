@@ -4,8 +4,13 @@
 #               chromium for the browser test when /usr/bin/chromium is missing (apt-get, needs root)
 #   make book   build the HTML book into _build/html (chapters run unless their outputs are cached)
 #   make test   everything CI checks, in order: lint and format; unit tests and every chapter under
-#               nbmake (each passing chapter is stored in the execution cache); the site build with
-#               -W -n, which reuses those outputs; the browser test of the built site
+#               nbmake (each passing chapter is stored in the execution cache); every chapter again
+#               under the spark profile on local stand-ins (spark-chapters); the site build with
+#               -W -n, which reuses the cpu outputs; the browser test of the built site
+#   make spark-chapters   the spark profile's code path on CPU: every chapter with a tiny
+#               Llama-3.1-shaped model and hub-shaped datasets (ftcourse.toy.standin), minimal sizes
+#   make pdf    the whole book as one PDF, _build/pdf/ftcourse.pdf: Sphinx's single-page HTML (reusing the
+#               executed chapters) printed by the browser test's Chromium; `make test` prints and tests it
 #   make freeze re-pin constraints-cpu.txt from the current .venv
 #
 # The environment is rebuilt only when pyproject.toml or constraints-cpu.txt change (stamp file).
@@ -22,11 +27,15 @@ TORCH_VERSION := 2.13.0
 CONSTRAINTS := constraints-cpu.txt
 CHROMIUM := /usr/bin/chromium
 SITE_TEST := tests/test_site.py
+PDF_TEST := tests/test_pdf.py
+SPARK_TEST := tests/test_spark_path.py
+# Under the stand-ins a chapter is a smoke test: 40 s each (over 1.5 x that fails).
+SPARK_CHAPTER_BUDGET_S ?= 40
 
 # Chapters start kernels with the venv's Python and call its tools; put it first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: env book test lint chapters site-test freeze clean
+.PHONY: env book test lint chapters spark-chapters site-test pdf pdf-test freeze clean
 
 env: $(STAMP) $(CHROMIUM)
 
@@ -56,18 +65,40 @@ lint: env
 	$(BIN)/ruff format --check .
 
 # Unit tests, then every chapter of _toc.yml (conftest.py); prints each chapter's time and the total.
+# (The spark-path unit tests run once, in spark-chapters.)
 chapters: env
-	$(BIN)/pytest --ignore=$(SITE_TEST)
+	$(BIN)/pytest --ignore=$(SITE_TEST) --ignore=$(SPARK_TEST) --ignore=$(PDF_TEST)
+
+# The spark profile offline: the stand-ins' environment (FTCOURSE_PROFILE=spark, FTCOURSE_DEVICE=cpu,
+# FTCOURSE_MODEL, FTCOURSE_DATASETS, FTCOURSE_SIZES=minimal, HF offline), then the spark-path unit tests
+# and every chapter. Nothing enters the book's execution cache; the summary lists each chapter's skips.
+spark-chapters: env
+	standin_env="$$($(BIN)/python -m ftcourse.toy.standin)"; eval "$$standin_env"; \
+	FTCOURSE_EXECUTION_CACHE=0 FTCOURSE_CHAPTER_BUDGET_S=$(SPARK_CHAPTER_BUDGET_S) \
+	  $(BIN)/pytest -p no:cacheprovider $(SPARK_TEST) book
 
 # The browser test of the built site (make book first). CI=true: it fails, never skips, without a site.
 site-test: env
 	CI=$${CI:-true} $(BIN)/pytest -p no:cacheprovider $(SITE_TEST)
 
+# The PDF: the single-page build reuses the html build's doctrees and executed chapters (run nothing
+# new when `make book` ran first), then Chromium prints it once MathJax has typeset every formula.
+pdf: env $(CHROMIUM)
+	$(BIN)/jupyter-book build --builder singlehtml -W -n --keep-going .
+	$(BIN)/python book/_ext/ftcourse_book.py pdf _build/singlehtml _build/pdf/ftcourse.pdf
+
+# The PDF's test (make pdf first). CI=true: it fails, never skips, without a PDF.
+pdf-test: env
+	CI=$${CI:-true} $(BIN)/pytest -p no:cacheprovider $(PDF_TEST)
+
 # In this order: a chapter runs once, under nbmake; the build renders its cached outputs.
 test: lint
 	$(MAKE) --no-print-directory chapters
+	$(MAKE) --no-print-directory spark-chapters
 	$(MAKE) --no-print-directory book
 	$(MAKE) --no-print-directory site-test
+	$(MAKE) --no-print-directory pdf
+	$(MAKE) --no-print-directory pdf-test
 
 # Re-pin the known-good stack after a dependency change (then commit constraints-cpu.txt).
 freeze: env

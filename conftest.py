@@ -15,13 +15,21 @@ A `.md` page is a notebook exactly when myst-nb would execute it: its front matt
 format `myst` (or `file_format: mystnb`). Text-only pages such as the preface are not collected.
 At the end of the run, the terminal summary lists each chapter's wall and CPU time against the budget
 and the total; a chapter slower than 1.5 x its budget fails.
+
+Skips are never silent. Each chapter's kernel inherits FTCOURSE_SKIP_LOG naming a file of its own, where
+`ftcourse.profiles.note_skip` appends one JSON line per thing the chapter could not run here (a CUDA-only
+kernel, an Ollama server that is not there). The summary lists them by chapter: under the spark stand-ins
+(`make spark-chapters`) in a "spark stand-in skips" section, which also names the unit tests skipped.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,8 @@ CHAPTER_BUDGET_S = float(os.environ.get("FTCOURSE_CHAPTER_BUDGET_S", "90"))
 # A chapter that runs longer than this multiple of its budget fails: that is a design problem, not noise.
 BUDGET_FAIL_FACTOR = 1.5
 GENERATED_SUFFIX = ".nbmake.ipynb"
+# = ftcourse.profiles.SKIP_LOG_ENV (tests/test_spark_path.py checks); a literal keeps torch out of conftest
+SKIP_LOG_ENV = "FTCOURSE_SKIP_LOG"
 
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 import ftcourse_book  # noqa: E402  (the book's Sphinx extension: shares the execution-cache key)
@@ -44,6 +54,9 @@ import ftcourse_book  # noqa: E402  (the book's Sphinx extension: shares the exe
 # chapter -> (wall seconds, kernel CPU seconds or None, passed)
 _WALL_TIMES = pytest.StashKey[dict[str, tuple[float, float | None, bool]]]()
 _TOC = pytest.StashKey["BookToc"]()
+# chapter -> the skips its kernel logged; and the session's folder of per-chapter skip logs
+_SKIPS = pytest.StashKey[dict[str, list[dict]]]()
+_SKIP_DIR = pytest.StashKey[Path]()
 
 
 def front_matter(path: Path) -> dict:
@@ -169,6 +182,57 @@ def cache_executed(source: Path, notebook, executed, cache_path: Path | None = N
     return True
 
 
+def read_skip_log(path: Path) -> list[dict]:
+    """The skips a chapter logged with profiles.note_skip (one JSON object a line); [] when it logged none."""
+    if not path.is_file():
+        return []
+    skips = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict) or "what" not in entry:  # still reported: a skip must not vanish
+            entry = {"what": f"line {number} of {path.name} is not a note_skip record", "why": line[:200]}
+        skips.append(entry)
+    return skips
+
+
+def standins_active(environ=os.environ) -> bool:
+    """True when the run uses the spark profile on local stand-ins (ftcourse.toy.standin's environment)."""
+    spark = environ.get("FTCOURSE_PROFILE", "").strip().lower() == "spark"
+    return spark and bool(environ.get("FTCOURSE_MODEL"))
+
+
+def skip_summary_lines(skips: dict[str, list[dict]], unit_skips: list[tuple[str, str]]) -> list[str]:
+    """The lines of the skip section: each chapter's skips (what, why), then the unit tests skipped."""
+    lines = []
+    for chapter, entries in skips.items():
+        for entry in entries:
+            lines.append(f"{chapter}: {entry.get('what', '?')}. {entry.get('why', '')}".rstrip())
+    for test, reason in unit_skips:
+        lines.append(f"{test} (unit test): {reason}")
+    skipped = sum(1 for entries in skips.values() if entries)
+    lines.append(
+        f"{sum(len(e) for e in skips.values())} skip(s) in {skipped} of {len(skips)} chapter(s); "
+        f"{len(unit_skips)} unit test(s) skipped"
+    )
+    return lines
+
+
+def _skip_log_dir(config: pytest.Config) -> Path:
+    if _SKIP_DIR not in config.stash:
+        config.stash[_SKIP_DIR] = Path(tempfile.mkdtemp(prefix="ftcourse-skips-"))
+    return config.stash[_SKIP_DIR]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SKIP_DIR in config.stash:
+        shutil.rmtree(config.stash[_SKIP_DIR], ignore_errors=True)
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -193,6 +257,10 @@ class ChapterItem(NotebookItem):
 
         start, cpu_start, passed = time.perf_counter(), _children_cpu_seconds(), False
         chapter = self.source.relative_to(ROOT).as_posix()
+        skip_log = _skip_log_dir(self.config) / (chapter.replace("/", "__") + ".jsonl")
+        skip_log.unlink(missing_ok=True)
+        previous_log = os.environ.get(SKIP_LOG_ENV)
+        os.environ[SKIP_LOG_ENV] = str(skip_log)  # before the kernel starts: it inherits the environment
         try:
             if self.notebook != self.source:
                 notebook = read_chapter(self.source)
@@ -210,9 +278,15 @@ class ChapterItem(NotebookItem):
             if result.error is not None:
                 raise NotebookFailedException(result)
             passed = True
-            if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0":
+            # outputs of the stand-ins are a smoke test, never the book's: they stay out of the cache
+            if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0" and not standins_active():
                 cache_executed(self.source, notebook, result.nb)
         finally:
+            if previous_log is None:
+                os.environ.pop(SKIP_LOG_ENV, None)
+            else:
+                os.environ[SKIP_LOG_ENV] = previous_log
+            self.config.stash.setdefault(_SKIPS, {})[chapter] = read_skip_log(skip_log)
             if self.notebook != self.source:
                 self.notebook.unlink(missing_ok=True)
             seconds = time.perf_counter() - start
@@ -265,7 +339,31 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=key)  # stable: unit tests keep their own order
 
 
+def _unit_test_skips(terminalreporter) -> list[tuple[str, str]]:
+    """(test id, reason) of every skipped unit test of the run."""
+    found = []
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        found.append((report.nodeid, reason.removeprefix("Skipped: ")))
+    return found
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    _chapter_times_summary(terminalreporter, config)
+    skips = config.stash.get(_SKIPS, {})
+    if standins_active() and skips:
+        terminalreporter.section("spark stand-in skips")
+        for line in skip_summary_lines(skips, _unit_test_skips(terminalreporter)):
+            terminalreporter.write_line(line)
+    elif any(skips.values()):
+        profile = os.environ.get("FTCOURSE_PROFILE") or "cpu"
+        terminalreporter.section(f"chapter skips (profile {profile})")
+        for line in skip_summary_lines({c: e for c, e in skips.items() if e}, []):
+            terminalreporter.write_line(line)
+
+
+def _chapter_times_summary(terminalreporter, config: pytest.Config) -> None:
     wall_times = config.stash.get(_WALL_TIMES, {})
     if not wall_times:
         return

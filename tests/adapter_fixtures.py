@@ -67,3 +67,30 @@ def grads_by_layer(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         layer = name.removeprefix("base_model.model.").rsplit(".", 1)
         out.setdefault(layer[0], {})[layer[1]] = parameter.grad
     return out
+
+
+def sample_input_ids() -> torch.Tensor:
+    """The token ids every adapter test feeds: three rows of ten, drawn with a fixed seed."""
+    return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+def assert_equal_to_peft(
+    theirs: nn.Module, ours: nn.Module, ids: torch.Tensor, parameters: set[str]
+) -> torch.Tensor:
+    """Our logits equal peft's (ATOL), and so do the gradients of `parameters` in each adapted layer.
+
+    Returns our logits, for checks of their own. `parameters` names the trained tensors per layer, in
+    our naming: {"A", "B"} for LoRA, {"A", "B", "m"} for DoRA.
+    """
+    logits_theirs = theirs(input_ids=ids).logits
+    logits_ours = ours(input_ids=ids).logits
+    torch.testing.assert_close(logits_ours, logits_theirs, atol=ATOL, rtol=0)
+    logits_theirs.square().mean().backward()
+    logits_ours.square().mean().backward()
+    g_theirs, g_ours = grads_by_layer(theirs), grads_by_layer(ours)
+    assert set(g_ours) == set(g_theirs) and len(g_ours) == len(TARGETS) * 2  # two layers
+    for layer, grads in g_ours.items():
+        assert set(grads) == parameters
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad, g_theirs[layer][key], atol=ATOL, rtol=1e-4)
+    return logits_ours.detach()

@@ -94,7 +94,11 @@ def test_chatml_renderer_matches_the_embedded_models_template(tokenizer):
 def test_conversions_round_trip_and_refuse_what_alpaca_cannot_hold():
     alpaca = {"instruction": "What is 2 + 3?", "input": "", "output": "5"}
     assert data.alpaca_to_messages(alpaca) == {"messages": [USER, BOT]}
-    assert data.messages_to_alpaca(data.alpaca_to_messages(alpaca, system="Be brief.")) == alpaca
+    assert data.messages_to_alpaca(data.alpaca_to_messages(alpaca)) == alpaca
+    with_system = data.alpaca_to_messages(alpaca, system="Be brief.")
+    with pytest.raises(ValueError, match="no field for a system prompt"):  # never dropped silently
+        data.messages_to_alpaca(with_system)
+    assert data.messages_to_alpaca(with_system, drop_system=True) == alpaca
     with pytest.raises(ValueError, match="multi-turn"):
         data.messages_to_alpaca({"messages": [USER, BOT, USER, BOT]})
     share = {"conversations": [{"from": "human", "value": USER["content"]}, {"from": "gpt", "value": "5"}]}
@@ -273,3 +277,79 @@ def test_load_records_fills_a_short_family_from_the_others():
     assert len(records) == 1040
     prompts = [r["messages"][0]["content"] for r in records]
     assert len(set(prompts)) == len(prompts)
+
+
+# --- hub datasets (spark profile): every row validated, here on the local stand-ins ---------------------
+
+SPARK = profiles.PROFILES["spark"]
+
+
+@pytest.fixture(scope="module")
+def standin_datasets():
+    from ftcourse.toy import standin
+
+    return standin.build_standins() / "datasets"  # cached under _build/ftcourse-cache after the first call
+
+
+@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+def test_hub_rows_of_every_schema_load_and_pass_the_file_validators(schema, standin_datasets, monkeypatch):
+    monkeypatch.setenv(profiles.DATASETS_ENV, str(standin_datasets))
+    dataset = load_records(schema, "train", profile=SPARK)
+    assert dataset.column_names == list(SCHEMAS[schema]) and len(dataset) >= 20
+    assert data.validate_records(dataset.to_list(), schema).rows_kept == len(dataset)
+
+
+def _bad_copy(tmp_path, hub_id: str, bad_row: int, spoil) -> str:
+    """A hub-shaped copy of one stand-in dataset whose train row `bad_row` (1-based) is spoiled."""
+    from ftcourse.toy import standin
+
+    config, splits = standin.DATASETS[hub_id]
+
+    def rows(split, n):
+        made = splits[split](split, n)
+        if split == "train":
+            spoil(made[bad_row - 1])
+        return made
+
+    # a file name of its own: datasets caches local splits by relative file name
+    standin.write_dataset(tmp_path / hub_id, config, {"train": rows}, 4, f"bad-{tmp_path.name}")
+    return str(tmp_path)
+
+
+def test_a_bad_hub_row_is_named_by_dataset_split_row_and_field(tmp_path, monkeypatch):
+    def end_with_user(row):
+        row["messages"] = row["messages"][:-1]  # the conversation now ends with the user
+
+    monkeypatch.setenv(
+        profiles.DATASETS_ENV, _bad_copy(tmp_path, "HuggingFaceH4/no_robots", 3, end_with_user)
+    )
+    with pytest.raises(DataError) as raised:
+        load_records("messages", "train", profile=SPARK)
+    message = str(raised.value)
+    assert "hub dataset 'HuggingFaceH4/no_robots'" in message and "local copy" in message
+    assert "split 'train', row 3, field 'messages'" in message
+    problem = raised.value.problems[0]
+    assert (problem.row, problem.field) == (3, "messages") and "assistant" in problem.expected
+
+
+def test_a_hub_feedback_label_that_is_not_a_boolean_is_rejected(tmp_path, monkeypatch):
+    def say_yes(row):
+        row["label"] = "yes"  # a string column where the hub has booleans
+
+    monkeypatch.setenv(profiles.DATASETS_ENV, _bad_copy(tmp_path, "trl-lib/kto-mix-14k", 1, say_yes))
+    with pytest.raises(
+        DataError, match=r"kto-mix-14k'.*split 'train', row 1, field 'label': expected a boolean"
+    ):
+        load_records("feedback", "train", profile=SPARK)
+
+
+def test_only_the_rows_asked_for_are_loaded_and_checked(tmp_path, monkeypatch):
+    def spoil(row):
+        row["output"] = "   "  # an empty output in row 6
+
+    monkeypatch.setenv(profiles.DATASETS_ENV, _bad_copy(tmp_path, "yahma/alpaca-cleaned", 6, spoil))
+    assert len(load_records("alpaca", "train", size=5, profile=SPARK)) == 5  # rows 1-5 are fine
+    with pytest.raises(
+        DataError, match="row 6, field 'output': expected non-empty text, found an empty string"
+    ):
+        load_records("alpaca", "train", size=6, profile=SPARK)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_fixtures import ATOL, grads_by_layer, peft_and_ours, tiny_llama
+from adapter_fixtures import ATOL, assert_equal_to_peft, peft_and_ours, sample_input_ids, tiny_llama
 from torch import nn
 
 from ftcourse import dora, lora
@@ -20,22 +20,12 @@ def base() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def input_ids() -> torch.Tensor:
-    return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    return sample_input_ids()
 
 
 def test_outputs_and_grads_equal_peft_dora(base, input_ids):
     theirs, ours = peft_and_ours(base, use_dora=True)
-    logits_theirs = theirs(input_ids=input_ids).logits
-    logits_ours = ours(input_ids=input_ids).logits
-    torch.testing.assert_close(logits_ours, logits_theirs, atol=ATOL, rtol=0)
-    logits_theirs.square().mean().backward()
-    logits_ours.square().mean().backward()
-    g_theirs, g_ours = grads_by_layer(theirs), grads_by_layer(ours)
-    assert set(g_ours) == set(g_theirs) and len(g_ours) == 6
-    for layer, grads in g_ours.items():
-        assert set(grads) == {"A", "B", "m"}
-        for key, grad in grads.items():
-            torch.testing.assert_close(grad, g_theirs[layer][key], atol=ATOL, rtol=1e-4)
+    assert_equal_to_peft(theirs, ours, input_ids, {"A", "B", "m"})
 
 
 def test_norm_is_per_output_row_worked_by_hand():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -382,3 +383,21 @@ def test_corpus_check_matches_every_gap_the_corpus_uses(gap):
     assert evaluate.in_corpus([task], ["prose.\n" + line + "\nmore prose."]) == [True]
     wrong = raw_text("max", subject, task.distractors[0], gap)
     assert evaluate.in_corpus([task], ["prose.\n" + wrong + "\nmore prose."]) == [False]
+
+
+def test_available_judge_falls_back_to_the_reward_model_and_logs_the_skip(monkeypatch, tmp_path):
+    log = tmp_path / "skips.jsonl"
+    monkeypatch.setenv(profiles.SKIP_LOG_ENV, str(log))
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")  # nothing listens on port 9
+    trained = []
+    monkeypatch.setattr(evaluate, "reward_judge", lambda tokenizer, profile, **kw: trained.append(kw) or "rm")
+    spark = replace(profiles.PROFILES["cpu"], judge="ollama:llama3.1:70b")
+
+    judge, note = evaluate.available_judge("tok", spark, steps=3)
+    assert judge == "rm" and trained == [{"steps": 3}]
+    assert note.startswith("Skipped here: the Ollama judge `llama3.1:70b`. No Ollama server answered")
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(logged) == 1 and logged[0]["what"] == "the Ollama judge `llama3.1:70b`"
+    # the cpu profile's judge is the reward model itself: no note, nothing logged
+    assert evaluate.available_judge("tok", profiles.PROFILES["cpu"], steps=3) == ("rm", "")
+    assert len(log.read_text().splitlines()) == 1

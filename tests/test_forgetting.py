@@ -124,3 +124,17 @@ def test_train_tracked_snapshots_every_step_offline_and_leaves_the_base_alone(
         replay_fraction=0.5,
     )
     assert lora.trainable == 155_648 and len(lora.snapshots) == 3
+
+
+def test_forgetting_sizes_follow_the_minimal_setting():
+    minimal = dataclasses.replace(CPU, minimal=True)
+    assert forgetting.forgetting_sizes(minimal) is forgetting.RUN_SIZES["minimal"]
+    assert forgetting.forgetting_sizes(CPU) is forgetting.RUN_SIZES["cpu"]
+
+
+@pytest.mark.parametrize("name", sorted(forgetting.RUN_SIZES))
+def test_every_table_sweeps_three_rates_and_measures_the_last_step(name):
+    sizes = forgetting.RUN_SIZES[name]
+    assert len(sizes.learning_rates) == 3  # the chapter reads them as low, middle and high
+    assert sorted(sizes.learning_rates) == list(sizes.learning_rates)
+    assert sizes.steps % sizes.every == 0  # the final snapshot is the model after the last step

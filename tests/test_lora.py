@@ -7,7 +7,16 @@ import math
 
 import pytest
 import torch
-from adapter_fixtures import ALPHA, ATOL, RANK, TARGETS, grads_by_layer, peft_and_ours, tiny_llama
+from adapter_fixtures import (
+    ALPHA,
+    ATOL,
+    RANK,
+    TARGETS,
+    assert_equal_to_peft,
+    peft_and_ours,
+    sample_input_ids,
+    tiny_llama,
+)
 from torch import nn
 
 from ftcourse import lora
@@ -23,24 +32,14 @@ def base() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def input_ids() -> torch.Tensor:
-    return torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    return sample_input_ids()
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_outputs_and_grads_equal_peft(base, input_ids, use_rslora):
     theirs, ours = peft_and_ours(base, use_rslora=use_rslora)
-    logits_theirs = theirs(input_ids=input_ids).logits
-    logits_ours = ours(input_ids=input_ids).logits
+    logits_ours = assert_equal_to_peft(theirs, ours, input_ids, {"A", "B"})
     assert not torch.allclose(logits_ours, base(input_ids=input_ids).logits, atol=1e-3)  # the update matters
-    torch.testing.assert_close(logits_ours, logits_theirs, atol=ATOL, rtol=0)
-    logits_theirs.square().mean().backward()
-    logits_ours.square().mean().backward()
-    g_theirs, g_ours = grads_by_layer(theirs), grads_by_layer(ours)
-    assert set(g_ours) == set(g_theirs) and len(g_ours) == 6
-    for layer, grads in g_ours.items():
-        assert set(grads) == {"A", "B"}
-        for key, grad in grads.items():
-            torch.testing.assert_close(grad, g_theirs[layer][key], atol=ATOL, rtol=1e-4)
 
 
 def test_scaling_worked_by_hand():
@@ -175,3 +174,15 @@ def test_train_setting_and_mean_loss(base):
         )
     with pytest.raises(ValueError, match="no Part II run sizes"):
         lora.run_sizes("laptop")
+
+
+def test_run_sizes_follow_the_profile_and_minimal_sizes():
+    from dataclasses import replace
+
+    from ftcourse import profiles
+
+    assert lora.run_sizes(profiles.PROFILES["cpu"]) == lora.RUN_SIZES["cpu"]
+    assert lora.run_sizes("spark") == lora.RUN_SIZES["spark"]
+    minimal = replace(profiles.PROFILES["spark"], minimal=True)  # what FTCOURSE_SIZES=minimal gives
+    assert lora.run_sizes(minimal) == lora.RUN_SIZES["minimal"]
+    assert set(lora.RUN_SIZES["minimal"]) == set(lora.RUN_SIZES["cpu"])  # every chapter's key is there

@@ -139,3 +139,14 @@ def test_cpu_probe_measures_a_real_step_within_reach_of_the_estimate(no_network)
     assert result["peak_above_baseline_bytes"] == pytest.approx(estimate.peak_bytes, rel=0.35)
     assert result["loss"] > 0
     assert no_network == []
+
+
+def test_cpu_probes_are_all_of_them_except_at_minimal_sizes():
+    from dataclasses import replace
+
+    from ftcourse import profiles
+
+    cpu = profiles.PROFILES["cpu"]
+    assert memory.cpu_probes(cpu) == memory.CPU_PROBES and len(memory.CPU_PROBES) == 3
+    assert memory.cpu_probes(profiles.PROFILES["spark"]) == memory.CPU_PROBES
+    assert memory.cpu_probes(replace(cpu, minimal=True)) == memory.CPU_PROBES[:1]

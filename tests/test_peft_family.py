@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ftcourse import memory, peft_family, profiles
+from ftcourse import evaluate, memory, peft_family, profiles
 
 CPU = profiles.PROFILES["cpu"]
 SIZES = peft_family.RUN_SIZES["cpu"]
@@ -147,11 +147,81 @@ def test_summary_by_hand():
         peft_family.MethodResult("B", 0, error="ValueError: bad"),
     ]
     a, b = peft_family.summary(runs, base)
-    assert a["chat"] == 1.0 and a["other_seeds"] == [0.0] and a["seeds"] == 2 and a["chat_mean"] == 0.5
+    assert a["chat_per_seed"] == [1.0, 0.0] and a["seeds"] == 2 and a["chat_mean"] == 0.5
+    assert (a["chat_min"], a["chat_max"], a["chat_first"], a["first_seed"]) == (0.0, 1.0, 1.0, 0)
     assert a["raw_change"] == pytest.approx(0.5 - 0.5)  # mean of 100% and 0% against the base's 50%
     assert a["peak_mib"] == 4.0 and a["perplexity"] == 6.0 and a["trainable_share"] == 0.1
-    assert a["p_vs_base"] == pytest.approx(0.25)  # 3 discordant items, all for A: 2 * 0.5**3
+    # Seed 0: 3 discordant items, all for A: 2 * 0.5**3. Seed 1: 1 discordant item, for the base: 1.0.
+    assert a["p_per_seed"] == pytest.approx([0.25, 1.0])
+    assert (a["chat_low"], a["chat_high"]) == pytest.approx(evaluate.wilson_interval(4, 4))
     assert b == {"method": "B", "error": "ValueError: bad", "seeds": 1}
     frame = peft_family.summary_frame([a, b], base)
     assert frame.loc["B", "error"] == "ValueError: bad"
-    assert frame.loc["A", "chat EM % [95% CI]"].startswith("100 [")
+    assert frame.loc["A", "chat EM % (mean)"] == "50" and frame.loc["A", "per seed"] == "100, 0"
+    assert frame.loc["A", "p vs base, per seed"] == "0.25, 1"
+
+
+def test_a_seed_that_fails_keeps_the_others_and_shows_its_error():
+    base = peft_family.Baseline((False,) * 4, (True,) * 4, 6.0)
+    runs = [
+        peft_family.MethodResult("A", 0, 10, 100, 1e-3, 1.0, 3.0, 0.1, 1.0, (True,) * 4, (True,) * 4, 5.0),
+        peft_family.MethodResult("A", 1, error="RuntimeError: out of memory"),
+    ]
+    (row,) = peft_family.summary(runs, base)
+    assert row["seeds"] == 1 and row["chat_per_seed"] == [1.0]
+    assert row["error"] == "RuntimeError: out of memory"
+
+
+def test_every_profile_trains_every_method_with_at_least_two_seeds_except_minimal():
+    for name, sizes in peft_family.RUN_SIZES.items():
+        assert len(sizes.seeds) >= (1 if name == "minimal" else 2), name
+
+
+def test_family_sizes_follow_the_minimal_setting():
+    minimal = dataclasses.replace(CPU, minimal=True)
+    assert peft_family.family_sizes(minimal) is peft_family.RUN_SIZES["minimal"]
+    assert peft_family.family_sizes(CPU) is peft_family.RUN_SIZES["cpu"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 300])
+def test_the_adalora_schedule_is_valid_for_any_step_count(steps):
+    sizes = dataclasses.replace(SIZES, steps=steps)
+    config = peft_family._adalora(sizes, CPU)  # peft validates the schedule when the config is built
+    assert config.tinit < config.total_step - config.tfinal
+
+
+def test_warm_up_trains_a_tiny_model_and_leaves_no_frozen_objects():
+    import gc
+
+    peft_family.warm_up(CPU)
+    assert gc.get_freeze_count() == 0
+
+
+def test_run_fresh_unfreezes_the_collector_even_when_a_run_fails(monkeypatch):
+    import gc
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("child could not start")
+
+    monkeypatch.setattr(peft_family, "warm_up", lambda profile=None: None)
+    monkeypatch.setattr(peft_family, "run_in_fresh_process", broken)
+    with pytest.raises(RuntimeError, match="child could not start"):
+        peft_family.run_fresh(["LoRA"], CPU, TINY, TEXTS)
+    assert gc.get_freeze_count() == 0
+
+
+def test_measure_generates_only_the_reply_tokens_the_sizes_allow(monkeypatch):
+    from ftcourse import evaluate as ev
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=32):
+        seen["max_new_tokens"] = max_new_tokens
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    monkeypatch.setattr(ev, "perplexity", lambda *args, **kwargs: 2.0)
+    tokenizer = profiles.load_tokenizer(profile=CPU)
+    sizes = dataclasses.replace(TINY, reply_tokens=3)
+    peft_family.measure(object(), tokenizer, sizes, CPU, TEXTS)
+    assert seen["max_new_tokens"] == 3

@@ -65,15 +65,15 @@ def _trainer(method, tokenizer, records, scratch, **kwargs):
 
 
 class ConstantLogits(torch.nn.Module):
-    """A stand-in model whose logits are the same at every position: logit(token k) = 0.01 * k."""
+    """A stand-in model whose logits are the same at every position: logit(token k) = scale * k."""
 
-    def __init__(self, vocab: int = 11) -> None:
+    def __init__(self, vocab: int = 11, scale: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.vocab = vocab
+        self.vocab, self.scale, self.dtype = vocab, scale, dtype
 
     def forward(self, input_ids, attention_mask=None, use_cache=False):
-        logits = 0.01 * torch.arange(self.vocab, dtype=torch.float32).expand(*input_ids.shape, self.vocab)
-        return type("Out", (), {"logits": logits})()
+        logits = (self.scale * torch.arange(self.vocab, dtype=torch.float32)).to(self.dtype)
+        return type("Out", (), {"logits": logits.expand(*input_ids.shape, self.vocab)})()
 
 
 def test_sequence_logprobs_by_hand():
@@ -95,6 +95,24 @@ def test_sequence_logprobs_by_hand():
     assert out.all_total.tolist() == pytest.approx(expected_all, abs=1e-6)
     chosen, rejected = out.halves()
     assert chosen.total.shape == rejected.total.shape == (1,)
+
+
+def test_sequence_logprobs_of_a_bf16_model_are_float32_exact():
+    # The spark profile runs in bf16. Log-probabilities must be taken in float32: bf16 keeps 8 bits of
+    # mantissa, so a log-softmax of about -3 in bf16 is off by up to 0.008 per token, and a sum over a reply
+    # moves DPO's margins by more than training does in a few steps.
+    model = ConstantLogits(scale=0.37, dtype=torch.bfloat16)
+    batch = {
+        "input_ids": torch.tensor([[3, 4, 5, 6, 7, 10]]),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 0, 1, 1, 1, 1]]),
+    }
+    logits = [float(v) for v in (0.37 * torch.arange(11, dtype=torch.float32)).to(torch.bfloat16)]
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    expected = sum(logits[k] - log_z for k in (5, 6, 7, 10))  # the four completion tokens
+    out = prefs.sequence_logprobs(model, batch)
+    assert out.total.dtype == torch.float32
+    assert out.total.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_sequence_logprobs_rejects_bad_batches():
@@ -335,3 +353,26 @@ def test_step_cost_in_a_forked_child(no_network):
     assert no_network == []
     with pytest.raises(ValueError, match="method must be one of"):
         prefs.step_cost("ppo")
+
+
+def test_run_sizes_and_train_records_under_minimal_sizes():
+    from dataclasses import replace
+
+    minimal = replace(profiles.PROFILES["cpu"], minimal=True)
+    assert prefs.run_sizes(minimal) == prefs.RUN_SIZES["minimal"]
+    assert set(prefs.RUN_SIZES["minimal"]) == set(prefs.RUN_SIZES["cpu"])
+    per_family = prefs.RUN_SIZES["minimal"]["train_per_family"]
+    # the default size follows the profile's table: a minimal run does not ask for the cpu profile's 320
+    assert prefs.train_records("dpo", minimal) == prefs.train_records("dpo", per_family=per_family)
+    assert prefs.run_recipe("dpo", profile=minimal)["steps"] == prefs.RUN_SIZES["minimal"]["steps"]
+
+
+def test_set_pad_token_prefers_llama3s_reserved_pad_token():
+    tok = profiles.load_tokenizer()  # a fresh instance: the module's fixture stays untouched
+    tok.pad_token = None  # as Llama 3.1 ships
+    assert prefs.set_pad_token(tok).pad_token == tok.eos_token  # no reserved pad token in this vocabulary
+    tok.pad_token = None
+    tok.add_special_tokens({"additional_special_tokens": [prefs.LLAMA3_PAD_TOKEN]})
+    assert prefs.set_pad_token(tok).pad_token == prefs.LLAMA3_PAD_TOKEN
+    tok.pad_token = tok.eos_token
+    assert prefs.set_pad_token(tok).pad_token == tok.eos_token  # a pad token already set is kept

@@ -128,3 +128,11 @@ def test_load_fast_falls_back_to_peft_and_says_so(tokenizer, tiny_dataset, no_ne
     run = qlora.train_fast(model, fast_tokenizer, tiny_dataset, steps=2, batch_size=4, logging_steps=1)
     assert [step for step, _ in run.losses] == [1, 2]
     assert no_network == []
+
+
+def test_run_sizes_have_a_minimal_entry_with_every_key():
+    from dataclasses import replace
+
+    minimal = replace(profiles.PROFILES["spark"], minimal=True)  # what FTCOURSE_SIZES=minimal gives
+    assert qlora.run_sizes(minimal) == qlora.RUN_SIZES["minimal"]
+    assert set(qlora.RUN_SIZES["minimal"]) == set(qlora.RUN_SIZES["cpu"]) == set(qlora.RUN_SIZES["spark"])

@@ -148,3 +148,22 @@ def test_packing_changes_nothing_only_when_positions_restart(tokenizer):
     assert (
         abs(losses["packed, positions not reset"] - losses["padded"]) > 1e-2
     )  # attention leaks across records
+
+
+def test_sizes_follow_the_profile_and_minimal_sizes():
+    from dataclasses import replace
+
+    from ftcourse import profiles
+
+    minimal = replace(profiles.PROFILES["spark"], minimal=True)  # what FTCOURSE_SIZES=minimal gives
+    for table in (sft.QUICK_RECIPES, sft.PIPELINE_SIZES):
+        assert set(table["minimal"]) == set(table["cpu"]) == set(table["spark"])  # every key everywhere
+    assert sft.pipeline_sizes(profiles.PROFILES["cpu"]) == sft.PIPELINE_SIZES["cpu"]
+    assert sft.pipeline_sizes(minimal) == sft.PIPELINE_SIZES["minimal"]
+    assert sft.quick_recipe(minimal)["steps"] == sft.QUICK_RECIPES["minimal"]["steps"]
+    assert sft.quick_recipe(profiles.PROFILES["spark"])["steps"] == sft.QUICK_RECIPES["spark"]["steps"]
+    assert sft.quick_cache_dir(minimal) != sft.quick_cache_dir(profiles.PROFILES["spark"])
+    for sizes in sft.PIPELINE_SIZES.values():  # the chapter reads losses at these steps and resumes there
+        assert sizes["steps"] % sizes["save_steps"] == 0 and sizes["save_steps"] < sizes["steps"]
+        assert sizes["alpha_steps"] % sizes["logging_steps"] == 0 and sizes["alpha_steps"] <= sizes["steps"]
+        assert (sizes["save_steps"] + sizes["logging_steps"]) <= sizes["steps"]

@@ -31,18 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 SITE_ROOT = Path(os.environ.get("FTCOURSE_SITE_ROOT", REPO)).resolve()
 HTML = SITE_ROOT / "_build" / "html"
 SCREENSHOTS = SITE_ROOT / "_build" / "screenshots"
-CHROMIUM = os.environ.get("FTCOURSE_CHROMIUM", "/usr/bin/chromium")
-# Flags measured to run headless and offline (see shared STACK-NOTES: Jupyter Book 1, PDF).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+sys.path.insert(0, str(REPO / "book" / "_ext"))
+import ftcourse_book  # noqa: E402  (the book's Sphinx extension: browser flags, citation helpers)
+
+# The same browser and flags as the PDF printer (book/_ext/ftcourse_book.py), measured to run offline.
+CHROMIUM, CHROMIUM_ARGS = ftcourse_book.CHROMIUM, ftcourse_book.CHROMIUM_ARGS
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # What must never appear in a cell's output on the site.
 OUTPUT_PROBLEMS = {
@@ -100,6 +93,10 @@ class PageVisit:
     notebook_download: str | None = None
     edit_link: str | None = None
     issues_link: str | None = None
+    title_number: str = ""
+    section_numbers: list[str] = field(default_factory=list)
+    sidebar_captions: list[str] = field(default_factory=list)
+    cite: dict | None = None
 
 
 @dataclass
@@ -148,7 +145,28 @@ def _page_script() -> str:
         const notebook = document.querySelector('a.btn-download-notebook-button');
         const edit = document.querySelector('a.btn-source-edit-button');
         const issues = document.querySelector('a.btn-source-issues-button');
+        const number = h => (h.querySelector('.section-number')?.innerText || '').trim();
+        const box = document.querySelector('details.ftcourse-cite');
+        let cite = null;
+        if (box) {
+            const wasOpen = box.open;
+            box.open = true;  // as a reader's click does; innerText only sees what is shown
+            cite = {
+                section: box.dataset.section, url: box.dataset.url,
+                summary: box.querySelector('summary')?.innerText || '',
+                apa: box.querySelector('.ftcourse-cite-apa')?.innerText || '',
+                bibtex: box.querySelector('pre')?.innerText || '',
+                copyButton: !!box.querySelector('button.copybtn'),
+                underTitle: box.previousElementSibling?.tagName === 'H1', wasOpen,
+            };
+            box.open = wasOpen;
+        }
         return {
+            titleNumber: number(document.querySelector('article h1') || document.body),
+            sectionNumbers: [...document.querySelectorAll('article section > h2')].map(number),
+            sidebarCaptions: [...document.querySelectorAll('.bd-sidebar-primary p.caption .caption-text')]
+                .map(e => e.innerText.trim()),
+            cite,
             mathNodes,
             mathContainers: document.querySelectorAll('mjx-container').length,
             mathErrors: document.querySelectorAll('mjx-merror, [data-mjx-error]').length,
@@ -217,6 +235,8 @@ def crawl(site) -> Crawl:
             visit.links, visit.footer = seen["links"], seen["footer"]
             visit.notebook_download, visit.edit_link = seen["notebookDownload"], seen["editLink"]
             visit.issues_link = seen["issuesLink"]
+            visit.title_number, visit.section_numbers = seen["titleNumber"], seen["sectionNumbers"]
+            visit.sidebar_captions, visit.cite = seen["sidebarCaptions"], seen["cite"]
             pages[docname] = visit
 
         search = PageVisit(url=f"{site}search.html?q={SEARCH_TERM}")
@@ -353,9 +373,6 @@ def test_every_internal_link_and_citation_resolves(crawl):
 
 
 def test_api_reference_has_a_page_per_module(crawl):
-    sys.path.insert(0, str(SITE_ROOT / "book" / "_ext"))
-    import ftcourse_book
-
     for module in ftcourse_book.package_modules(SITE_ROOT):
         docname = f"{ftcourse_book.API_DIR.as_posix()}/{module}"
         assert docname in crawl.pages, f"{module} has no API page in the toc-built site"
@@ -365,9 +382,6 @@ def test_api_reference_has_a_page_per_module(crawl):
 
 
 def test_every_page_shows_the_version_and_links_the_repository(crawl):
-    sys.path.insert(0, str(SITE_ROOT / "book" / "_ext"))
-    import ftcourse_book
-
     version = ftcourse_book.book_version(SITE_ROOT)
     pages = {name: visit for name, visit in crawl.pages.items() if name != "search"}
     no_version = [name for name, v in pages.items() if f"version {version}" not in v.footer]
@@ -411,3 +425,105 @@ def test_built_pages_load_nothing_from_the_network(site):
         if 'class="math' in text:
             assert mathjax.search(text), f"{page.relative_to(HTML)} has math but no local MathJax"
     assert (HTML / "mathjax" / "tex-chtml-full.js").is_file(), "local MathJax was not copied into the build"
+
+
+def expected_numbers(root: Path = SITE_ROOT) -> dict[str, str | None]:
+    """The number each toc page should carry: chapters of `numbered` parts count on across parts (1, 2, ...,
+    the sections under a chapter 1.1, 1.2, ...); pages of unnumbered parts (the appendices) get none."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
+    numbers: dict[str, str | None] = {str(toc["root"]): None}
+    chapter = 0
+
+    def walk(node: dict, prefix: str | None) -> None:
+        for index, child in enumerate(node.get("sections") or [], start=1):
+            if "file" in child:
+                numbers[str(child["file"])] = f"{prefix}.{index}" if prefix else None
+                walk(child, numbers[str(child["file"])])
+
+    for part in toc.get("parts") or []:
+        for child in part.get("chapters") or []:
+            if "file" not in child:
+                continue
+            number = None
+            if part.get("numbered"):
+                chapter += 1
+                number = str(chapter)
+            numbers[str(child["file"])] = number
+            walk(child, number)
+    return numbers
+
+
+def _cited_pages(crawl) -> dict[str, PageVisit]:
+    return {
+        name: visit
+        for name, visit in crawl.pages.items()
+        if name != "search" and not any(fnmatch(name, pattern) for pattern in ftcourse_book.CITE_SKIP)
+    }
+
+
+def test_chapters_and_their_sections_are_numbered_as_the_toc_says(crawl):
+    numbers = expected_numbers()
+    assert sum(1 for n in numbers.values() if n) >= 2, f"the toc numbers fewer than two chapters: {numbers}"
+    wrong = []
+    for name, visit in crawl.pages.items():
+        if name == "search" or name not in numbers:
+            continue
+        expected = numbers[name]
+        shown = visit.title_number.rstrip(".")
+        if shown != (expected or ""):
+            wrong.append(f"{name}: title numbered {shown!r}, expected {expected!r}")
+        sections = [n.rstrip(".") for n in visit.section_numbers]
+        want = [f"{expected}.{i}" for i in range(1, len(sections) + 1)] if expected else [""] * len(sections)
+        if sections != want:
+            wrong.append(f"{name}: sections numbered {sections}, expected {want}")
+    assert not wrong, "numbering differs from _toc.yml:\n  " + "\n  ".join(wrong)
+
+
+def test_the_sidebar_numbers_the_parts(crawl):
+    toc = yaml.safe_load((SITE_ROOT / "_toc.yml").read_text(encoding="utf-8"))
+    want, number = [], 0
+    for part in toc.get("parts") or []:
+        if part.get("numbered"):
+            number += 1
+            want.append(ftcourse_book.part_caption(number, part["caption"]))
+        else:
+            want.append(part["caption"])
+    first = crawl.pages[toc_docnames()[1]]
+    assert first.sidebar_captions == want, f"sidebar part captions {first.sidebar_captions}, expected {want}"
+
+
+def test_every_chapter_page_has_a_cite_box_with_its_section_number_and_url(crawl):
+    base = yaml.safe_load((SITE_ROOT / "_config.yml").read_text(encoding="utf-8"))["html"]["baseurl"]
+    numbers = expected_numbers()
+    version = ftcourse_book.book_version(SITE_ROOT)
+    pages = _cited_pages(crawl)
+    assert any(numbers.get(name) for name in pages), (
+        f"no numbered chapter among {sorted(pages)}: toc walk broken"
+    )
+    problems = []
+    for name, visit in pages.items():
+        cite = visit.cite
+        if not cite:
+            problems.append(f"{name}: no 'Cite this section' box")
+            continue
+        url, number = ftcourse_book.page_url(base, f"{name}.html"), numbers.get(name)
+        checks = {
+            "summary reads 'Cite this section'": cite["summary"].strip() == "Cite this section",
+            f"data-section is {number!r}": cite["section"] == (number or ""),
+            f"URL is {url}": cite["url"] == url and url in cite["apa"] and f"{{{url}}}" in cite["bibtex"],
+            f"APA names the version {version}": f"Version {version}" in cite["apa"],
+            "BibTeX is an @inbook entry": cite["bibtex"].startswith("@inbook{"),
+            "the box sits under the title, closed": cite["underTitle"] and not cite["wasOpen"],
+            "the BibTeX has a copy button": cite["copyButton"],
+        }
+        if number:
+            checks[f"APA says Section {number}"] = f"Section {number})" in cite["apa"]
+            checks[f"BibTeX says chapter {number}"] = re.search(
+                rf"chapter\s*=\s*\{{{number}\}}", cite["bibtex"]
+            )
+        else:
+            checks["an unnumbered page cites no section"] = "Section" not in cite["apa"]
+        problems += [f"{name}: {what}" for what, ok in checks.items() if not ok]
+    assert not problems, "citation boxes that are wrong:\n  " + "\n  ".join(problems)
+    skipped_with_box = [name for name, v in crawl.pages.items() if name not in pages and v.cite]
+    assert not skipped_with_box, f"API or bibliography pages with a citation box: {skipped_with_box}"

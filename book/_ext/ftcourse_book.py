@@ -1,6 +1,6 @@
 """Sphinx extension for the ftcourse book (loaded through `sphinx: local_extensions` in _config.yml).
 
-It does five things that a static `_config.yml` cannot:
+It does seven things that a static `_config.yml` cannot:
 
 1. API reference: writes one page per module of `src/ftcourse` into `book/api/` (autodoc directives only,
    the text comes from the docstrings) and deletes pages of modules that no longer exist. `_toc.yml`
@@ -13,6 +13,11 @@ It does five things that a static `_config.yml` cannot:
 4. Notebook download: every executed chapter gets an `.ipynb` in the page's download menu.
 5. sphinx-thebe: Jupyter Book always loads it; we do not use it and it logs a console error on every
    page, so its event handlers are disconnected.
+6. Numbered parts and "Cite this section": the captions of numbered parts read "Part I: ...", and every
+   chapter and appendix page gets a box with a BibTeX and an APA entry for the book, built from the toc's
+   section number, `html_baseurl`, the version in pyproject.toml and the authors and year in CITATION.cff.
+7. The PDF: `python book/_ext/ftcourse_book.py pdf` prints the single-page HTML build with the system
+   Chromium (`make pdf`); in that build each part gets a heading and each chapter starts a page.
 
 The helpers at the top import nothing from Sphinx, so `conftest.py` and the tests can use them.
 """
@@ -189,6 +194,273 @@ def _register_bibliography_style() -> None:
     register_plugin("pybtex.style.formatting", "ftcourse", AuthorYearStyle, force=True)
 
 
+CITATION_FILE = "CITATION.cff"
+# Pages that get no "Cite this section" box: the generated API reference and the bibliography itself.
+CITE_SKIP = ("book/api/*", "book/bibliography")
+CITE_BOX_ID = "cite-this-section"
+
+
+def roman(number: int) -> str:
+    """An integer from 1 to 3999 in Roman numerals, for part numbers: 4 -> "IV"."""
+    if not 0 < number < 4000:
+        raise ValueError(f"roman numerals cover 1..3999, got {number}")
+    out = []
+    for value, letters in (
+        (1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+        (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"),
+    ):  # fmt: skip
+        count, number = divmod(number, value)
+        out.append(letters * count)
+    return "".join(out)
+
+
+def part_caption(number: int, caption: str) -> str:
+    """The sidebar caption of a numbered part: `part_caption(2, "LoRA")` is "Part II: LoRA"."""
+    return f"Part {roman(number)}: {caption}"
+
+
+def citation_metadata(root: Path = ROOT) -> dict:
+    """Title, authors, year and version for citing the book: CITATION.cff, with pyproject's version."""
+    import yaml
+
+    path = root / CITATION_FILE
+    try:
+        cff = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the citation boxes are built from it") from None
+    missing = [key for key in ("title", "authors", "date-released", "version") if not cff.get(key)]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}: add them (see https://citation-file-format.github.io)"
+        )
+    authors = []
+    for person in cff["authors"]:
+        if "name" in person:  # an entity, e.g. "ftcourse contributors"
+            authors.append({"name": str(person["name"])})
+        elif "family-names" in person:
+            authors.append(
+                {"family": str(person["family-names"]), "given": str(person.get("given-names", ""))}
+            )
+        else:
+            raise ValueError(f"{path}: an author has neither `name` nor `family-names`: {person}")
+    return {
+        "title": str(cff["title"]),
+        "authors": authors,
+        "year": str(cff["date-released"])[:4],
+        "cff_version": str(cff["version"]),
+        "version": book_version(root),
+    }
+
+
+_BIBTEX_SPECIAL = re.compile(r"([&%$#_{}])")
+
+
+def _bibtex_text(text: str) -> str:
+    return _BIBTEX_SPECIAL.sub(r"\\\1", text)
+
+
+def _bibtex_author(author: dict) -> str:
+    if "name" in author:
+        return "{" + _bibtex_text(author["name"]) + "}"  # braces: an entity, not "contributors, ftcourse"
+    return f"{_bibtex_text(author['family'])}, {_bibtex_text(author['given'])}".rstrip(", ")
+
+
+def _apa_author(author: dict) -> str:
+    if "name" in author:
+        return author["name"]
+    initials = " ".join(f"{part[0]}." for part in author["given"].replace("-", " ").split())
+    return f"{author['family']}, {initials}".rstrip(", ")
+
+
+def cite_key(meta: dict, number: str | None, docname: str) -> str:
+    """A BibTeX key for one section: `ftcourse2026sec5`, or the page's name for an unnumbered page."""
+    tail = (
+        f"sec{number.replace('.', '-')}" if number else re.sub(r"[^a-z0-9]+", "-", docname.lower()).strip("-")
+    )
+    return f"ftcourse{meta['year']}{tail}"
+
+
+def cite_entries(meta: dict, number: str | None, title: str, url: str, docname: str) -> tuple[str, str]:
+    """The BibTeX and the APA (plain text, book title between asterisks) entries citing one section."""
+    section = f"Section {number}" if number else None
+    fields = [
+        ("author", " and ".join(_bibtex_author(a) for a in meta["authors"])),
+        ("title", "{" + _bibtex_text(title) + "}"),
+        ("booktitle", "{" + _bibtex_text(meta["title"]) + "}"),
+    ]
+    if number:
+        fields.append(("chapter", number))
+    fields += [("year", meta["year"]), ("version", meta["version"]), ("url", url)]
+    fields.append(("note", ", ".join(filter(None, [section, f"version {meta['version']}"]))))
+    width = max(len(name) for name, _ in fields)
+    body = ",\n".join(f"  {name.ljust(width)} = {{{value}}}" for name, value in fields)
+    bibtex = f"@inbook{{{cite_key(meta, number, docname)},\n{body},\n}}"
+    names = [_apa_author(a) for a in meta["authors"]]
+    authors = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", & " + names[-1]
+    details = ", ".join(filter(None, [f"Version {meta['version']}", section]))
+    sentence_end = "" if title.endswith((".", "?", "!")) else "."
+    apa = (
+        f"{authors}{'' if authors.endswith('.') else '.'} ({meta['year']}). {title}{sentence_end} "
+        f"In *{meta['title']}* ({details}). {url}"
+    )
+    return bibtex, apa
+
+
+def cite_box_html(meta: dict, number: str | None, title: str, url: str, docname: str) -> str:
+    """The "Cite this section" box: a closed <details> with the APA entry and the BibTeX (copy button)."""
+    from html import escape
+
+    bibtex, apa = cite_entries(meta, number, title, url, docname)
+    before, book, after = apa.split("*", 2)
+    apa_html = f"{escape(before)}<em>{escape(book)}</em>{escape(after)}"
+    return (
+        f'<details class="ftcourse-cite" id="{CITE_BOX_ID}" data-section="{escape(number or "")}"'
+        f' data-url="{escape(url)}">\n'
+        f"<summary>Cite this section</summary>\n"
+        f'<p class="ftcourse-cite-label">APA</p>\n<p class="ftcourse-cite-apa">{apa_html}</p>\n'
+        f'<p class="ftcourse-cite-label">BibTeX</p>\n'
+        f'<div class="highlight-bibtex notranslate"><div class="highlight"><pre>{escape(bibtex)}</pre>'
+        f"</div></div>\n</details>\n"
+    )
+
+
+def page_url(base_url: str, target_uri: str) -> str:
+    """The published address of a page: the site's base URL joined with the page's path."""
+    return base_url.rstrip("/") + "/" + target_uri.lstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PDF: the single-page HTML build, printed by the browser the site test uses.
+
+CHROMIUM = os.environ.get("FTCOURSE_CHROMIUM", "/usr/bin/chromium")
+# Flags measured to run headless and offline (see shared STACK-NOTES: Jupyter Book 1, PDF).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SINGLE_HTML = Path("_build") / "singlehtml"
+PDF_PATH = Path("_build") / "pdf" / "ftcourse.pdf"
+PDF_FOOTER = (
+    '<div style="font-size:8px;width:100%;text-align:center;color:#555">'
+    '<span class="pageNumber"></span> / <span class="totalPages"></span></div>'
+)
+# Waits for every image and for MathJax to finish; returns what is left untypeset (0 when all is done).
+_TYPESET_SCRIPT = """async () => {
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+    const images = [...document.images];
+    await Promise.all(images.map(img => img.complete ? null : new Promise(r => {
+        img.addEventListener('load', r); img.addEventListener('error', r); })));
+    return {
+        math: document.querySelectorAll('.math').length,
+        typeset: document.querySelectorAll('mjx-container').length,
+        errors: document.querySelectorAll('mjx-merror, [data-mjx-error]').length,
+        broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
+    };
+}"""
+
+
+def print_pdf(html_dir: Path, pdf: Path, timeout_s: float = 600) -> dict:
+    """Print `html_dir/index.html` (the singlehtml build) to `pdf` with Chromium; returns what it saw."""
+    import functools
+    import http.server
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    if not (html_dir / "index.html").is_file():
+        raise FileNotFoundError(
+            f"no single-page build at {html_dir}/index.html: run"
+            " `jupyter-book build --builder singlehtml .` first (`make pdf` does both)"
+        )
+    if not Path(CHROMIUM).is_file():
+        raise FileNotFoundError(
+            f"no Chromium at {CHROMIUM}: apt-get install -y chromium (`make env` does it)"
+        )
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+            pass
+
+    # Served over HTTP, not file://: Chromium refuses MathJax's fonts from a file:// page.
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(html_dir))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    outside: list[str] = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            context = browser.new_context(color_scheme="light", service_workers="block")
+
+            def route(route):
+                if route.request.url.startswith("http://127.0.0.1:"):
+                    route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    route.abort()
+
+            context.route("**/*", route)
+            page = context.new_page()
+            page.set_default_timeout(timeout_s * 1000)
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html", wait_until="load")
+            seen = page.evaluate(_TYPESET_SCRIPT)
+            problems = []
+            if seen["typeset"] < seen["math"] or seen["errors"]:
+                problems.append(
+                    f"{seen['typeset']} of {seen['math']} formulas typeset, {seen['errors']} errors"
+                )
+            if seen["broken"]:
+                problems.append(f"images that did not load: {seen['broken']}")
+            if outside:
+                problems.append(f"requests to other hosts (refused): {sorted(set(outside))}")
+            if problems:
+                raise RuntimeError("the single-page book is not ready to print: " + "; ".join(problems))
+            # The title page (from _single_page_parts) goes before the theme's print header and contents.
+            page.evaluate(
+                "() => { const t = document.querySelector('.ftcourse-title-page');"
+                " const h = document.querySelector('#jb-print-docs-body'); if (t && h) h.before(t); }"
+            )
+            page.emulate_media(media="print")
+            pdf.parent.mkdir(parents=True, exist_ok=True)
+            tmp = pdf.with_name(f".{pdf.name}.tmp")
+            page.pdf(
+                path=str(tmp),
+                format="A4",
+                print_background=True,
+                display_header_footer=True,
+                header_template="<span></span>",
+                footer_template=PDF_FOOTER,
+                margin={"top": "18mm", "bottom": "18mm", "left": "16mm", "right": "16mm"},
+            )
+            tmp.replace(pdf)
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: `python book/_ext/ftcourse_book.py pdf [HTML_DIR] [PDF]` prints the book to a PDF."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "pdf" or len(args) > 3:
+        print("usage: python book/_ext/ftcourse_book.py pdf [HTML_DIR] [PDF]", file=sys.stderr)
+        return 2
+    html_dir = Path(args[1]) if len(args) > 1 else ROOT / SINGLE_HTML
+    pdf = Path(args[2]) if len(args) > 2 else ROOT / PDF_PATH
+    seen = print_pdf(html_dir, pdf)
+    print(f"Wrote {pdf}: {seen['typeset']} formulas typeset, {pdf.stat().st_size >> 10} KiB")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Sphinx hooks
 
@@ -238,6 +510,93 @@ def _copy_notebooks(app, exception) -> None:
         shutil.copyfile(notebook, target)
 
 
+def _number_parts(app, doctree) -> None:
+    """Captions of numbered parts (`numbered: true` in _toc.yml) read "Part I: Foundations", ..."""
+    from sphinx import addnodes
+
+    if app.env.docname != app.config.root_doc:
+        return
+    number = 0
+    for toctree in doctree.findall(addnodes.toctree):
+        if toctree.get("numbered") and toctree.get("caption"):
+            number += 1
+            toctree["caption"] = toctree["rawcaption"] = part_caption(number, toctree["caption"])
+
+
+def _check_citation_file(app) -> None:
+    """Warn (an error under -W) when CITATION.cff's version is not pyproject's, or the base URL is unset."""
+    from sphinx.util import logging
+
+    logger = logging.getLogger(__name__)
+    meta = citation_metadata(Path(app.srcdir))
+    if meta["cff_version"] != meta["version"]:
+        logger.warning(
+            f"{CITATION_FILE} says version {meta['cff_version']} but pyproject.toml says {meta['version']}:"
+            f" set `version: {meta['version']}` in {CITATION_FILE}"
+        )
+    if not app.config.html_baseurl:
+        logger.warning(
+            "html_baseurl is not set (html: baseurl: in _config.yml): citations need the site's URL"
+        )
+    app.env.ftcourse_citation = meta  # type: ignore[attr-defined]
+
+
+def _cite_box(app, pagename, templatename, context, doctree) -> None:
+    """Put the "Cite this section" box under the title of every chapter and appendix page."""
+    from fnmatch import fnmatch
+
+    if app.builder.name != "html" or doctree is None or "body" not in context:
+        return
+    if pagename == "search" or any(fnmatch(pagename, pattern) for pattern in CITE_SKIP):
+        return
+    meta = getattr(app.env, "ftcourse_citation", None) or citation_metadata(Path(app.srcdir))
+    numbers = app.env.toc_secnumbers.get(pagename, {}).get("")
+    number = ".".join(str(n) for n in numbers) if numbers else None
+    title = app.env.titles[pagename].astext() if pagename in app.env.titles else context.get("title", "")
+    url = page_url(app.config.html_baseurl, app.builder.get_target_uri(pagename))
+    box = cite_box_html(meta, number, title, url, pagename)
+    body = context["body"]
+    end = body.find("</h1>")
+    context["body"] = body[: end + 5] + "\n" + box + body[end + 5 :] if end >= 0 else box + body
+
+
+def _single_page_parts(app, doctree, docname) -> None:
+    """In the single-page (PDF) build, a heading before each part's first chapter: "Part I: Foundations"."""
+    from docutils import nodes
+    from sphinx import addnodes
+
+    if app.builder.name != "singlehtml" or docname != app.config.root_doc:
+        return
+    starts = {}
+    for toctree in app.env.get_doctree(docname).findall(addnodes.toctree):
+        files = [ref for _, ref in toctree["entries"] if ref not in ("self",)]
+        if toctree.get("caption") and files:
+            starts[files[0]] = toctree["caption"]
+    for start in list(doctree.findall(addnodes.start_of_file)):
+        caption = starts.get(start["docname"])
+        if caption:
+            heading = nodes.container(classes=["ftcourse-part-heading"])
+            heading += nodes.paragraph(text=caption)
+            start.parent.insert(start.parent.index(start), heading)
+    # A title page: the book as CITATION.cff names it, its version and where the site lives.
+    meta = getattr(app.env, "ftcourse_citation", None) or citation_metadata(Path(app.srcdir))
+    title_page = nodes.container(classes=["ftcourse-title-page"])
+    title_page += nodes.paragraph(text=meta["title"], classes=["ftcourse-title"])
+    authors = ", ".join(a.get("name") or f"{a['given']} {a['family']}".strip() for a in meta["authors"])
+    title_page += nodes.paragraph(text=f"{authors}, {meta['year']}. Version {meta['version']}.")
+    if app.config.html_baseurl:
+        title_page += nodes.paragraph(text=app.config.html_baseurl)
+    doctree.insert(0, title_page)
+
+
+def _single_page_index(app, exception) -> None:
+    """The single page's links are relative to the build's top, so it must be index.html, not a redirect."""
+    if exception is not None or app.builder.name != "singlehtml" or app.config.root_doc == "index":
+        return
+    outdir = Path(app.outdir)
+    shutil.copyfile(outdir / f"{app.config.root_doc}.html", outdir / "index.html")
+
+
 def _drop_thebe(app) -> None:
     for listeners in app.events.listeners.values():
         for listener in list(listeners):
@@ -255,5 +614,14 @@ def setup(app) -> dict:
     app.connect("autodoc-process-docstring", _docstring_as_rst)
     app.connect("html-page-context", _notebook_download, priority=400)
     app.connect("build-finished", _copy_notebooks)
+    app.connect("doctree-read", _number_parts)
+    app.connect("builder-inited", _check_citation_file)
+    app.connect("html-page-context", _cite_box, priority=600)
+    app.connect("doctree-resolved", _single_page_parts)
+    app.connect("build-finished", _single_page_index, priority=900)  # after sphinx-external-toc's redirect
     _drop_thebe(app)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,7 +147,17 @@ def load_records(
             f"fewer than size={size}; ask for at most {len(dataset)}"
         )
     dataset = dataset.select_columns(list(SCHEMAS[schema]))  # hub datasets carry extra columns (ids, tags)
-    return dataset.select(range(size)) if size else dataset
+    dataset = dataset.select(range(size)) if size else dataset
+    # Every row the caller gets passes the checks local files pass; the first bad one stops the load.
+    source = hub_source(profile.datasets[schema], split, resolve_dataset(profile.datasets[schema]))
+    validate_records(dataset.to_list(), schema, source)
+    return dataset
+
+
+def hub_source(hub_id: str, split: str, location: str) -> str:
+    """How errors name a hub dataset's split: the hub id, and the local copy when one was used."""
+    copy = f" (local copy {location})" if location != hub_id else ""
+    return f"hub dataset {hub_id!r}{copy}, split {split!r}"
 
 
 # --- formats -----------------------------------------------------------------------------------------
@@ -193,13 +203,22 @@ def alpaca_to_messages(record: Mapping[str, str], system: str | None = None) -> 
     return {"messages": turns}
 
 
-def messages_to_alpaca(record: Mapping[str, Any]) -> dict[str, str]:
-    """A single-exchange `messages` record as Alpaca (input left empty); more turns cannot be expressed."""
+def messages_to_alpaca(record: Mapping[str, Any], drop_system: bool = False) -> dict[str, str]:
+    """A single-exchange `messages` record as Alpaca (input left empty); more turns cannot be expressed.
+
+    Alpaca has no system prompt: a system turn is an error unless `drop_system=True` says to drop it.
+    """
+    roles = [m["role"] for m in record["messages"]]
     turns = [m for m in record["messages"] if m["role"] != "system"]
     if [m["role"] for m in turns] != ["user", "assistant"]:
         raise ValueError(
             f"Alpaca holds one instruction and one output, but this conversation has roles "
-            f"{[m['role'] for m in record['messages']]}; keep multi-turn data in the messages format"
+            f"{roles}; keep multi-turn data in the messages format"
+        )
+    if len(turns) < len(roles) and not drop_system:
+        raise ValueError(
+            "Alpaca has no field for a system prompt, and this conversation has one; pass "
+            "drop_system=True to drop it, or keep the record in the messages format"
         )
     return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
 

@@ -3,9 +3,11 @@
 Nothing here is a home-made parallel engine. `launch` writes an accelerate config and starts
 `accelerate launch -m ftcourse.distributed train ...`; every process runs `ftcourse.sft.train_sft`, and
 transformers' Trainer, through accelerate, does the data sharding, the gradient all-reduce (DDP) or the
-parameter sharding (FSDP, GPUs only: accelerate runs every multi-process CPU job as DDP). On the cpu
-profile the processes talk over gloo on this machine. The same module writes the configs for two linked
-DGX Sparks and for a multi-GPU server (`CONFIGS`).
+parameter sharding (FSDP2, torch's `fully_shard`). On the cpu profile the processes talk over gloo on this
+machine. accelerate 1.15 enables FSDP only for GPU-like process groups and runs a multi-process CPU job as
+DDP even under an FSDP config; `fsdp_on_cpu` lifts exactly that one check, so the sharding itself is
+accelerate's and torch's own code. The same module writes the configs for two linked DGX Sparks and for a
+multi-GPU server (`CONFIGS`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ftcourse.atomic import atomic_output
 STRATEGIES = ("single", "ddp", "fsdp")
 # The LoRA run every strategy trains: same data, same order, same global batch.
 RUN_SIZES: dict[str, dict[str, Any]] = {
-    "cpu": {"steps": 8, "global_batch": 16, "learning_rate": 2e-3, "lora_rank": 16, "max_length": 256},
+    "cpu": {"steps": 6, "global_batch": 8, "learning_rate": 2e-3, "lora_rank": 16, "max_length": 256},
+    "minimal": {"steps": 2, "global_batch": 4, "learning_rate": 2e-4, "lora_rank": 8, "max_length": 256},
     "spark": {"steps": 100, "global_batch": 16, "learning_rate": 2e-4, "lora_rank": 16, "max_length": 1024},
 }
 
@@ -54,6 +57,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "main_process_port": 29511,
         "mixed_precision": "no",
         "use_cpu": False,
+    },
+    # The same FSDP2 settings on this machine's CPU: two processes over gloo. Every process loads the small
+    # model itself (no rank-0 broadcast), so cpu_ram_efficient_loading is off.
+    "cpu-fsdp": {
+        **_COMMON,
+        "distributed_type": "FSDP",
+        "num_machines": 1,
+        "num_processes": 2,
+        "machine_rank": 0,
+        "main_process_ip": "127.0.0.1",
+        "main_process_port": 29512,
+        "mixed_precision": "no",
+        "use_cpu": False,
+        "fsdp_config": {**_FSDP, "fsdp_cpu_ram_efficient_loading": False},
     },
     # Two DGX Sparks joined by their ConnectX-7 link: one process (one GB10 GPU) per machine. Run the same
     # command on both, with machine_rank 0 on the first and 1 on the second.
@@ -99,7 +116,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 # (device, strategy) -> the config `run` launches with.
-LAUNCH_CONFIGS = {("cpu", "ddp"): "cpu-ddp", ("cuda", "ddp"): "multi-gpu-ddp", ("cuda", "fsdp"): "multi-gpu"}
+LAUNCH_CONFIGS = {
+    ("cpu", "ddp"): "cpu-ddp",
+    ("cpu", "fsdp"): "cpu-fsdp",
+    ("cuda", "ddp"): "multi-gpu-ddp",
+    ("cuda", "fsdp"): "multi-gpu",
+}
 
 
 def config_yaml(name: str, **changes: Any) -> str:
@@ -144,18 +166,11 @@ def run(
     Returns rank 0's record: {'strategy', 'world_size', 'per_device_batch', 'losses', 'seconds', ...}.
     'single' is one process with the whole global batch; 'ddp' and 'fsdp' split it over `num_processes`.
     """
-    from ftcourse.profiles import active_profile
+    from ftcourse.profiles import active_profile, run_sizes
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "fsdp" and active_profile().device == "cpu":
-        # accelerate 1.15 runs every multi-process CPU job as MULTI_CPU (DDP over gloo), whatever the config
-        # says: an "FSDP" run here would silently be DDP. Refuse instead.
-        raise ValueError(
-            "strategy 'fsdp' needs GPUs: accelerate runs multi-process CPU jobs as DDP (MULTI_CPU) even with "
-            "an FSDP config. Use 'ddp' on a CPU, or set FTCOURSE_DEVICE=cuda on a machine with GPUs."
-        )
-    sizes = RUN_SIZES[active_profile().name]
+    sizes = run_sizes(RUN_SIZES)
     steps = steps or sizes["steps"]
     global_batch = global_batch or sizes["global_batch"]
     processes = 1 if strategy == "single" else num_processes
@@ -185,21 +200,70 @@ def run(
         return json.loads(result.read_text(encoding="utf-8"))
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on a multi-process CPU job (gloo), which 1.15 silently turns into DDP.
+
+    `AcceleratorState.__init__` switches to FSDP only when the process group is MULTI_GPU (or another
+    accelerator); on CPUs it stays MULTI_CPU and drops the FSDP plugin, so the Trainer would wrap the model
+    in DDP. After the original `__init__` has run, this sets the two fields its GPU branch would have set
+    (distributed_type FSDP, the plugin, and the plugin's mixed precision). The sharding that follows is
+    accelerate's `fsdp2_prepare_model` calling torch's `fully_shard`, whose collectives gloo supports.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_ftcourse_fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if fsdp_plugin is not None:
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+        # Every later `AcceleratorState()` copies PartialState's MULTI_CPU back over the shared state.
+        if getattr(self, "fsdp_plugin", None) is not None:
+            self.distributed_type = DistributedType.FSDP
+
+    __init__._ftcourse_fsdp_on_cpu = True  # type: ignore[attr-defined]
+    AcceleratorState.__init__ = __init__  # type: ignore[method-assign]
+
+
+def parameter_bytes(model: Any) -> dict[str, int]:
+    """Bytes of `model`'s parameters held by this process ('local') and of the whole model ('full').
+
+    A DTensor parameter (FSDP2) holds only its shard (`to_local()`); a plain tensor holds all of itself.
+    """
+    local = full = 0
+    for parameter in model.parameters():
+        size = parameter.element_size()
+        full += parameter.numel() * size  # a DTensor's numel() is the global (unsharded) size
+        shard = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        local += shard.numel() * size
+    return {"local": local, "full": full}
+
+
 def train_process(steps: int, per_device_batch: int, strategy: str, out: str | os.PathLike) -> dict[str, Any]:
     """One process of a run (called by `accelerate launch`); rank 0 writes its record to `out`."""
     import warnings
 
     import torch
-    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
     from ftcourse import data, profiles, sft
 
     profile = profiles.active_profile()
-    sizes = RUN_SIZES[profile.name]
+    sizes = profiles.run_sizes(RUN_SIZES, profile)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
+    if strategy == "fsdp" and profile.device == "cpu":
+        fsdp_on_cpu()
     tokenizer = profiles.load_tokenizer()
-    dataset = data.load_records("messages", "train", profile=profile)
+    # Exactly the examples the run draws (one epoch of the global batch): tokenizing more costs each process.
+    dataset = data.load_records("messages", "train", size=steps * per_device_batch * world, profile=profile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # launcher and FSDP notices go to the log, not the chapter
         run = sft.train_sft(
@@ -218,6 +282,11 @@ def train_process(steps: int, per_device_batch: int, strategy: str, out: str | o
             progress=False,
             extra_args={"ddp_backend": "gloo"} if profile.device == "cpu" and world > 1 else None,
         )
+    held = parameter_bytes(run.model)
+    every_rank = [held["local"]]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        every_rank = [0] * world
+        torch.distributed.all_gather_object(every_rank, held["local"])
     record = {
         "strategy": strategy,
         "world_size": world,
@@ -228,8 +297,10 @@ def train_process(steps: int, per_device_batch: int, strategy: str, out: str | o
         "seconds": run.seconds,
         "trainable_parameters": run.trainable_parameters,
         # What the engine did to the model: FSDP2 turns parameters into DTensor shards.
-        "distributed_type": PartialState().distributed_type.value,  # what accelerate really ran
+        "distributed_type": AcceleratorState().distributed_type.value,  # what accelerate really ran
         "parameter_types": sorted({type(p).__name__ for p in run.model.parameters()}),
+        "parameter_bytes_full": held["full"],
+        "parameter_bytes_per_rank": every_rank,
     }
     if rank == 0:
         with atomic_output(Path(out)) as temporary:

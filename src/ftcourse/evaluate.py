@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from ftcourse.profiles import Profile, active_profile, resolve_dataset, resolve_model
+from ftcourse.profiles import Profile, active_profile, note_skip, resolve_dataset, resolve_model
 from ftcourse.reward import Turn, reward_judge, reward_scores, turn_text
 from ftcourse.toy import model_dir
 from ftcourse.toy.corpus import ANSWER_GAPS, pretraining_documents
@@ -629,6 +629,10 @@ class OllamaJudge:
         return (self._ask(prompt, reply_a, reply_b) + 1.0 - self._ask(prompt, reply_b, reply_a)) / 2
 
 
+class JudgeUnavailable(RuntimeError):
+    """The profile's Ollama judge cannot be used here: no server answers, or it lacks the model."""
+
+
 def ollama_judge(model: str, host: str | None = None) -> OllamaJudge:
     """An OllamaJudge, after checking that the server answers and has `model` pulled."""
     import ollama
@@ -638,12 +642,12 @@ def ollama_judge(model: str, host: str | None = None) -> OllamaJudge:
     try:
         judge._client().show(model)
     except ConnectionError as error:
-        raise RuntimeError(
+        raise JudgeUnavailable(
             f"No Ollama server answered at {where}. Start one with `ollama serve` and "
-            f"`ollama pull {model}`, or use the reward-model judge: FTCOURSE_PROFILE=cpu."
+            f"`ollama pull {model}`, or judge with a reward model (`reward_judge`)."
         ) from error
     except ollama.ResponseError as error:
-        raise RuntimeError(
+        raise JudgeUnavailable(
             f"The Ollama server at {where} does not have the judge model {model!r} ({error}). "
             f"Pull it first: `ollama pull {model}`."
         ) from error
@@ -660,6 +664,19 @@ def load_judge(tokenizer: Any, profile: Profile | None = None, **train_kwargs: A
     raise ValueError(
         f"profile {profile.name!r} names judge {profile.judge!r}; use 'reward-model' or 'ollama:NAME'"
     )
+
+
+def available_judge(tokenizer: Any, profile: Profile | None = None, **train_kwargs: Any) -> tuple[Any, str]:
+    """The profile's judge and ""; the reward-model judge and a note_skip line when Ollama cannot serve."""
+    profile = profile or active_profile()
+    try:
+        return load_judge(tokenizer, profile, **train_kwargs), ""
+    except JudgeUnavailable as error:
+        name = profile.judge.removeprefix("ollama:")
+        note = note_skip(
+            f"the Ollama judge `{name}`", f"{error} The reward-model judge stands in, trained now."
+        )
+        return reward_judge(tokenizer, profile, **train_kwargs), note
 
 
 # ---------------------------------------------------------------------------------------------------------

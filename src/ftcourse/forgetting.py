@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftcourse.profiles import Profile, active_profile, resolve_dataset
+from ftcourse.profiles import Profile, active_profile, resolve_dataset, run_sizes
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,23 @@ RUN_SIZES: dict[str, ForgettingSizes] = {
         replay_fraction=0.25,
         max_length=1024,
     ),
+    # FTCOURSE_SIZES=minimal (CI under the spark stand-ins): every code path once, with the spark rates.
+    "minimal": ForgettingSizes(
+        steps=2,
+        batch_size=2,
+        every=1,
+        eval_per_family=1,
+        heldout_docs=2,
+        learning_rates=(1e-5, 3e-5, 1e-4),
+        lora_learning_rate=2e-4,
+        replay_fraction=0.25,
+    ),
 }
 
 
 def forgetting_sizes(profile: Profile | None = None) -> ForgettingSizes:
-    """The forgetting runs' sizes for `profile` (the active one by default)."""
-    return RUN_SIZES[(profile or active_profile()).name]
+    """The forgetting runs' sizes for `profile` (the active one; 'minimal' under FTCOURSE_SIZES)."""
+    return run_sizes(RUN_SIZES, profile or active_profile())
 
 
 # ---------------------------------------------------------------------------------------------------------

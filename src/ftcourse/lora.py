@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftcourse import profiles
+
 ALL_LINEAR = "all-linear"  # every nn.Linear except the output layer (lm_head), as in peft
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -39,15 +41,21 @@ RUN_SIZES: dict[str, dict[str, Any]] = {
         "records": 4000, "batch_size": 8, "steps": 400, "learning_rate": 2e-4, "eval_per_family": 200,
         "sweep_batch_size": 8, "sweep_steps": 200, "sweep_eval_per_family": 50, "sweep_heldout": 256,
     },
+    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): a smoke test of every code path, nothing measured
+    "minimal": {
+        "records": 24, "batch_size": 4, "steps": 3, "learning_rate": 2e-4, "eval_per_family": 1,
+        "sweep_batch_size": 4, "sweep_steps": 2, "sweep_eval_per_family": 1, "sweep_heldout": 8,
+    },
 }  # fmt: skip
 
 
 def run_sizes(profile: Any) -> dict[str, Any]:
-    """The Part II run sizes for `profile` (a Profile or its name)."""
-    name = getattr(profile, "name", profile)
-    if name not in RUN_SIZES:
-        raise ValueError(f"no Part II run sizes for profile {name!r}; known: {sorted(RUN_SIZES)}")
-    return dict(RUN_SIZES[name])
+    """The Part II run sizes for `profile` (a Profile, minimal under FTCOURSE_SIZES=minimal, or a name)."""
+    if isinstance(profile, str):
+        if profile not in RUN_SIZES:
+            raise ValueError(f"no Part II run sizes for profile {profile!r}; known: {sorted(RUN_SIZES)}")
+        return dict(RUN_SIZES[profile])
+    return dict(profiles.run_sizes(RUN_SIZES, profile))
 
 
 def check_rank(rank: int, alpha: float) -> None:

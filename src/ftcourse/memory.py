@@ -441,6 +441,20 @@ CPU_PROBES = (
     {"config": "mid", "method": "full", "seq_len": 256, "batch_size": 2, "gradient_checkpointing": False},
     {"config": "mid", "method": "lora", "seq_len": 256, "batch_size": 2, "gradient_checkpointing": True},
 )
+# How many of CPU_PROBES a chapter runs: all, or under FTCOURSE_SIZES=minimal (a smoke test of the code
+# path) the first, since each probe is a fresh Python process that imports torch, transformers and peft.
+RUN_SIZES = {
+    "cpu": {"probes": len(CPU_PROBES)},
+    "spark": {"probes": len(CPU_PROBES)},
+    "minimal": {"probes": 1},
+}
+
+
+def cpu_probes(profile: Any = None) -> tuple[dict[str, Any], ...]:
+    """The CPU probes the memory chapter measures under the profile (default: the active one)."""
+    from ftcourse import profiles  # here, not at the top: the fit-check command line needs no torch
+
+    return CPU_PROBES[: profiles.run_sizes(RUN_SIZES, profile)["probes"]]
 
 
 def probe_config(name: str) -> dict[str, Any]:

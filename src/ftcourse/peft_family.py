@@ -10,6 +10,7 @@ second run in one process says little about that run.
 
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftcourse.memory import peak_rss_mib, reset_peak_rss, rss_mib
-from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.profiles import Profile, active_profile, resolve_model, run_sizes
 from ftcourse.sft import DEFAULT_TARGETS
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -40,26 +41,21 @@ class FamilySizes:
     eval_per_family: int  # held-out test tasks per family (chat form and raw form)
     heldout_docs: int  # documents for the retention perplexity
     virtual_tokens: int = 8  # prompt, prefix and P-tuning
+    reply_tokens: int = 16  # tokens generated per answer; a reply is scored up to its first end of turn
     skip: dict[str, str] = field(default_factory=dict)  # method -> why it is not run on this profile
-    all_seeds_for: tuple[str, ...] | None = None  # methods trained with every seed (None: all of them)
-
-    def seeds_for(self, name: str) -> tuple[int, ...]:
-        """The seeds method `name` trains with: all of them, or only the first when the budget says so."""
-        if self.all_seeds_for is None or name in self.all_seeds_for:
-            return self.seeds
-        return self.seeds[:1]
 
 
 RUN_SIZES: dict[str, FamilySizes] = {
-    # 13 methods x 20 steps of 4 examples fill the cpu chapter's CPU budget; a second seed only for the
-    # two methods the most quoted claim compares ("LoRA reaches 95-99% of full fine-tuning").
+    # 13 methods x 2 seeds = 26 runs in the cpu chapter's CPU budget: a run costs about 0.6 CPU-s of fixed
+    # work (model, trainer, evaluation) and 0.1 CPU-s per step of 4 examples. The toy's answers are one
+    # token, so 4 reply tokens hold the answer, the end-of-turn marker and a margin.
     "cpu": FamilySizes(
-        steps=20,
+        steps=10,
         batch_size=4,
         seeds=(0, 1),
-        eval_per_family=6,
+        eval_per_family=5,
         heldout_docs=4,
-        all_seeds_for=("full fine-tuning", "LoRA"),
+        reply_tokens=4,
     ),
     "spark": FamilySizes(
         steps=300,
@@ -69,13 +65,21 @@ RUN_SIZES: dict[str, FamilySizes] = {
         heldout_docs=100,
         virtual_tokens=20,
     ),
+    # FTCOURSE_SIZES=minimal (CI under the spark stand-ins): every code path once, no result to read.
+    "minimal": FamilySizes(
+        steps=2,
+        batch_size=2,
+        seeds=(0,),
+        eval_per_family=1,
+        heldout_docs=2,
+        virtual_tokens=4,
+    ),
 }
 
 
 def family_sizes(profile: Profile | None = None) -> FamilySizes:
-    """The comparison's sizes for `profile` (the active one by default)."""
-    profile = profile or active_profile()
-    return RUN_SIZES[profile.name]
+    """The comparison's sizes for `profile` (the active one by default; 'minimal' under FTCOURSE_SIZES)."""
+    return run_sizes(RUN_SIZES, profile or active_profile())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,8 +157,8 @@ def _adalora(sizes: FamilySizes, profile: Profile) -> Any:
         lora_alpha=16,
         target_modules=list(DEFAULT_TARGETS),
         total_step=sizes.steps,
-        tinit=max(1, sizes.steps // 5),
-        tfinal=max(1, (3 * sizes.steps) // 10),
+        tinit=sizes.steps // 5,  # peft requires tinit < total_step - tfinal: a budgeting phase of >= 1 step
+        tfinal=(3 * sizes.steps) // 10,
         deltaT=max(1, sizes.steps // 10),
     )
 
@@ -484,7 +488,9 @@ def measure(
     tasks = build_tasks("test", sizes.eval_per_family)
     # One generate call for both forms: the batch costs about what either form alone does.
     prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks] + [t.raw_prompt for t in tasks]
-    replies = evaluate.generate(model, tokenizer, prompts, batch_size=len(prompts))
+    replies = evaluate.generate(
+        model, tokenizer, prompts, max_new_tokens=sizes.reply_tokens, batch_size=len(prompts)
+    )
     chat, raw = (
         evaluate.score_replies(replies[: len(tasks)], tasks),
         evaluate.score_replies(replies[len(tasks) :], tasks),
@@ -592,24 +598,77 @@ def preload() -> None:
         cpu_ops.setLevel(level)
 
 
+def warm_up(profile: Profile | None = None) -> None:
+    """Train and measure a throwaway Llama of a few hundred kilobytes once, so forked runs start warm.
+
+    The first training run in a process pays for lazy imports and first-call set-up in transformers,
+    TRL, peft and datasets (about 0.3 CPU-s here). Paid once in the parent, before forking, every child
+    inherits it; the model is too small for its freed memory to hide any part of a later run's peak.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftcourse import sft
+    from ftcourse.profiles import load_tokenizer
+
+    profile = profile or active_profile()
+    if profile.device != "cpu":
+        return  # a GPU run must not initialise CUDA before forking (see run_in_fresh_process)
+    tokenizer = load_tokenizer(profile=profile)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    tiny = FamilySizes(steps=1, batch_size=1, seeds=(0,), eval_per_family=1, heldout_docs=1, reply_tokens=2)
+    model = LlamaForCausalLM(config).to(profile.torch_dtype).eval()
+    run = sft.train_sft(
+        model,
+        tokenizer,
+        training_records(tiny, profile),
+        peft_config=_lora(tiny, profile),
+        learning_rate=1e-3,
+        steps=1,
+        batch_size=1,
+        warmup_steps=0,
+        copy_model=False,
+        profile=profile,
+        progress=False,
+    )
+    measure(run.model, tokenizer, tiny, profile, ["warm up the perplexity path with a short text"])
+    del run, model
+
+
 def run_fresh(
     names: Sequence[str],
     profile: Profile | None = None,
     sizes: FamilySizes | None = None,
     texts: Sequence[str] | None = None,
 ) -> list[MethodResult]:
-    """Every method in `names` with its seeds, each run in a fresh process (methods outer, seeds inner)."""
+    """Every method in `names` with every seed, each run in a fresh process (methods outer, seeds inner)."""
     from ftcourse import evaluate
 
     profile = profile or active_profile()
     sizes = sizes or family_sizes(profile)
     texts = list(texts) if texts is not None else evaluate.heldout_texts(sizes.heldout_docs, profile)
     preload()
-    return [
-        run_in_fresh_process(name, seed, profile, sizes, texts)
-        for name in names
-        for seed in sizes.seeds_for(name)
-    ]
+    warm_up(profile)
+    # Python's collector, run in a child (accelerate calls gc.collect() after training), would walk
+    # every object inherited from this process and write to its pages, which copies them: CPU time and
+    # resident memory that belong to no run. Frozen objects are skipped; the parent unfreezes afterwards.
+    gc.collect()
+    gc.freeze()
+    try:
+        return [
+            run_in_fresh_process(name, seed, profile, sizes, texts) for name in names for seed in sizes.seeds
+        ]
+    finally:
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -640,9 +699,10 @@ def _share(hits: Sequence[bool]) -> float:
 def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, Any]]:
     """One row per method (in the order of `results`): numbers over its seeds, or its first error.
 
-    Chat exact match, its Wilson interval and the paired test against the base model are those of the
-    first seed that finished; the other seeds' scores are listed; memory, retention and perplexity are
-    means over the seeds.
+    Chat exact match and its paired test against the base model are given per seed, with the mean,
+    minimum and maximum over seeds; the Wilson interval is that of one run (the first seed that
+    finished): the resolution any single run on this test set has. Memory, raw-form change and
+    perplexity are means over the seeds.
     """
     from ftcourse.evaluate import paired_comparison, wilson_interval
 
@@ -657,7 +717,7 @@ def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, A
             continue
         first = done[0]
         low, high = wilson_interval(sum(first.chat_hits), len(first.chat_hits))
-        versus_base = paired_comparison(first.chat_hits, base.chat_hits)
+        per_seed = [r.chat_accuracy for r in done]
         rows.append(
             {
                 "method": name,
@@ -667,12 +727,16 @@ def summary(results: Sequence[MethodResult], base: Baseline) -> list[dict[str, A
                 "start_mib": statistics.mean(r.start_mib for r in done),
                 "peak_mib": statistics.mean(r.peak_mib for r in done),
                 "step_seconds": statistics.median(r.step_seconds for r in done),
-                "chat": first.chat_accuracy,
-                "chat_mean": statistics.mean(r.chat_accuracy for r in done),  # over all seeds
-                "chat_low": low,  # Wilson 95% interval: the uncertainty of a test set this small
+                "chat_per_seed": per_seed,  # in seed order
+                "chat_mean": statistics.mean(per_seed),
+                "chat_min": min(per_seed),
+                "chat_max": max(per_seed),
+                "first_seed": first.seed,
+                "chat_first": first.chat_accuracy,
+                "chat_low": low,  # Wilson 95% interval of one run: what a test set this small resolves
                 "chat_high": high,
-                "other_seeds": [r.chat_accuracy for r in done[1:]],
-                "p_vs_base": versus_base.p_value,  # exact McNemar on the same questions
+                # exact McNemar test of each run against the base model on the same questions
+                "p_per_seed": [paired_comparison(r.chat_hits, base.chat_hits).p_value for r in done],
                 "seeds": len(done),
                 "raw_change": statistics.mean(r.raw_accuracy for r in done) - _share(base.raw_hits),
                 "perplexity": statistics.mean(r.perplexity for r in done),
@@ -691,7 +755,6 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
         if "trainable" not in row:
             table.append({"method": row["method"], "error": row["error"]})
             continue
-        others = ", ".join(f"{100 * value:.0f}" for value in row["other_seeds"]) or "–"
         table.append(
             {
                 "method": row["method"],
@@ -700,10 +763,10 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
                 "lr": f"{row['learning_rate']:.0e}",
                 "peak MiB": f"{row['peak_mib']:.0f}",
                 "ms/step": f"{1000 * row['step_seconds']:.0f}",
-                "chat EM % [95% CI]": f"{100 * row['chat']:.0f} [{100 * row['chat_low']:.0f}, "
-                f"{100 * row['chat_high']:.0f}]",
-                "other seeds": others,
-                "p vs base": f"{row['p_vs_base']:.2g}",
+                "chat EM % (mean)": f"{100 * row['chat_mean']:.0f}",
+                "per seed": ", ".join(f"{100 * value:.0f}" for value in row["chat_per_seed"]),
+                "one run's 95% CI": f"{100 * row['chat_low']:.0f}–{100 * row['chat_high']:.0f}",
+                "p vs base, per seed": ", ".join(f"{value:.2g}" for value in row["p_per_seed"]),
                 "raw EM change (points)": f"{100 * row['raw_change']:+.0f}",
                 "perplexity": f"{row['perplexity']:.2f}",
                 "error": row["error"],
@@ -712,7 +775,7 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
     table.append(
         {
             "method": "base model (untrained)",
-            "chat EM % [95% CI]": f"{100 * _share(base.chat_hits):.0f}",
+            "chat EM % (mean)": f"{100 * _share(base.chat_hits):.0f}",
             "raw EM change (points)": f"{100 * _share(base.raw_hits):.0f} % (base)",
             "perplexity": f"{base.perplexity:.2f}",
         }
@@ -727,20 +790,13 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
     figure, ax = plt.subplots(figsize=(7.5, 4.5))
     done = [r for r in rows if "trainable" in r]
     for row in done:
-        ax.errorbar(
-            row["trainable"],
-            100 * row["chat"],
-            yerr=[[100 * (row["chat"] - row["chat_low"])], [100 * (row["chat_high"] - row["chat"])]],
-            fmt="o",
-            capsize=3,
-            color="tab:blue",
-            alpha=0.8,
-        )
-        for other in row["other_seeds"]:
-            ax.plot(row["trainable"], 100 * other, "x", color="tab:orange")
+        x = row["trainable"]
+        ax.plot([x, x], [100 * row["chat_min"], 100 * row["chat_max"]], color="tab:blue", alpha=0.5)
+        ax.plot([x] * row["seeds"], [100 * v for v in row["chat_per_seed"]], "x", color="tab:orange")
+        ax.plot(x, 100 * row["chat_mean"], "o", color="tab:blue", alpha=0.8)
     labels: dict[tuple[int, float], list[str]] = {}  # methods on the same point share one label
     for row in done:
-        labels.setdefault((row["trainable"], round(100 * row["chat"], 1)), []).append(row["method"])
+        labels.setdefault((row["trainable"], round(100 * row["chat_mean"], 1)), []).append(row["method"])
     placed: list[tuple[float, float]] = []
     for (trainable, chat), names in sorted(labels.items()):
         # Stack a label under any earlier one that sits close by (log-x within 0.4, y within 8 points).

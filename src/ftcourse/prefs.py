@@ -72,6 +72,10 @@ def _check_batch(batch: Mapping[str, torch.Tensor]) -> None:
 def sequence_logprobs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> SequenceLogprobs:
     """Log-probabilities of each row's completion under `model` (prompt, padding masked): sums, counts."""
     _check_batch(batch)
+    # Batches are collated on the CPU; a model placed on a GPU (device_map="auto") reads them there.
+    first = next(iter(model.parameters()), None)
+    if first is not None:
+        batch = {key: batch[key].to(first.device) for key in BATCH_KEYS}
     input_ids = batch["input_ids"]
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
     # The logits at position t predict token t+1: drop the last position and the first token.
@@ -288,6 +292,21 @@ def _trainer_class(method: str) -> Any:
     return ORPOTrainer
 
 
+LLAMA3_PAD_TOKEN = "<|finetune_right_pad_id|>"  # Llama 3.1 reserves it for padding, but sets no pad token
+
+
+def set_pad_token(tokenizer: Any) -> Any:
+    """Give a tokenizer without a pad token one (Llama 3.1's reserved pad token, else EOS); returns it.
+
+    Padding positions are masked everywhere, so which token pads does not change a loss; a pad token that
+    is not EOS keeps a real end-of-turn token from being mistaken for padding.
+    """
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = LLAMA3_PAD_TOKEN if LLAMA3_PAD_TOKEN in vocab else tokenizer.eos_token
+    return tokenizer
+
+
 def preference_trainer(
     method: str,
     model: Any,
@@ -321,6 +340,7 @@ def preference_trainer(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     profile = profile or active_profile()
     stay_offline(profile)
+    set_pad_token(tokenizer)  # TRL's CPO/ORPO collators cannot pad without one
     defaults = METHOD_DEFAULTS[method]
     beta = defaults["beta"] if beta is None else beta
     gamma = defaults.get("gamma", 0.0) if gamma is None else gamma
@@ -459,7 +479,25 @@ RUN_SIZES: dict[str, dict[str, Any]] = {
         "eval_per_family": 200,
         "eval_pairs_per_family": 100,
     },
+    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): every code path once, nothing measured
+    "minimal": {
+        "train_per_family": 4,
+        "steps": 2,
+        "batch_size": 2,
+        "learning_rate": 5e-6,
+        "eval_per_family": 1,
+        "eval_pairs_per_family": 1,
+    },
 }
+
+
+def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
+    """The preference runs' sizes for `profile` (the "minimal" entry under FTCOURSE_SIZES=minimal)."""
+    from ftcourse import profiles
+
+    return dict(profiles.run_sizes(RUN_SIZES, profile or active_profile()))
+
+
 KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # one thumbs-up per four thumbs-down
 KTO_WEIGHTS = (4.0, 1.0)  # lambda_D, lambda_U: lambda_D n_D / (lambda_U n_U) = 1, inside the paper's [1, 4/3]
 
@@ -482,12 +520,13 @@ def train_records(method: str, profile: Profile | None = None, per_family: int |
     from ftcourse.toy import preferences as toy_prefs
 
     profile = profile or active_profile()
-    if profile.uses_network:  # spark: the profile's hub datasets
+    per_family = per_family or run_sizes(profile)["train_per_family"]
+    if profile.uses_network:  # spark: the profile's hub datasets, as many rows as four task families give
         from ftcourse import data
 
         schema = "feedback" if method == "kto" else "preference"
-        return list(data.load_records(schema, "train", size=4 * (per_family or 1000), profile=profile))
-    pairs = toy_prefs.preference_pairs("train", per_family or RUN_SIZES["cpu"]["train_per_family"])
+        return list(data.load_records(schema, "train", size=4 * per_family, profile=profile))
+    pairs = toy_prefs.preference_pairs("train", per_family)
     if method == "kto":
         return toy_prefs.feedback_records(pairs, KTO_DESIRABLE_PER_UNDESIRABLE)
     return toy_prefs.preference_records(pairs)
@@ -508,7 +547,7 @@ def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = N
     from ftcourse.toy.tasks import build_tasks
 
     profile = profile or active_profile()
-    sizes = RUN_SIZES[profile.name]
+    sizes = run_sizes(profile)
     report = evaluate.exact_match(peft_model, tokenizer, build_tasks("test", sizes["eval_per_family"]))
     accuracies = {
         kind: pair_accuracies(peft_model, tokenizer, heldout_pairs(sizes["eval_pairs_per_family"], kind))
@@ -528,7 +567,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     """The full recipe of a standard run: sizes of the profile, the method's defaults, and any overrides."""
     profile = profile or active_profile()
-    recipe = {"method": method, "seed": seed, **RUN_SIZES[profile.name], **METHOD_DEFAULTS[method]}
+    recipe = {"method": method, "seed": seed, **run_sizes(profile), **METHOD_DEFAULTS[method]}
     if method == "kto":
         recipe |= {
             "kto_weights": list(KTO_WEIGHTS),

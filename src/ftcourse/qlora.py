@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ftcourse import memory, quant
+from ftcourse import memory, profiles, quant
 from ftcourse.profiles import Profile, active_profile, resolve_model
 from ftcourse.sft import DEFAULT_TARGETS, TrainingRun, lora_config, train_sft
 
@@ -45,6 +45,20 @@ RUN_SIZES: dict[str, dict[str, Any]] = {
         "eval_per_family": 100,
         "logging_steps": 10,
     },
+    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): the spark recipe's code path (batch 1 with
+    # accumulation, gradient checkpointing) for two steps; nothing here is a measurement.
+    "minimal": {
+        "steps": 2,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 2e-4,
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "max_length": 256,
+        "gradient_checkpointing": True,
+        "eval_per_family": 2,
+        "logging_steps": 1,
+    },
 }
 OPTIMIZER = "paged_adamw_8bit"  # transformers' name; fit_check calls it "paged-adamw-8bit"
 
@@ -65,9 +79,8 @@ class DoesNotFit(ValueError):
 
 
 def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
-    """A copy of the QLoRA run sizes of `profile` (default: the active one)."""
-    profile = profile or active_profile()
-    return dict(RUN_SIZES[profile.name])
+    """A copy of the QLoRA run sizes of `profile` (default: the active one; FTCOURSE_SIZES applies)."""
+    return dict(profiles.run_sizes(RUN_SIZES, profile or active_profile()))
 
 
 def device_memory_gb(profile: Profile | None = None) -> float:

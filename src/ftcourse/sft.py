@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftcourse.profiles import Profile, active_profile, resolve_model, stay_offline
+from ftcourse.profiles import Profile, active_profile, resolve_model, run_sizes, stay_offline
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_ENV = "FTCOURSE_CACHE"  # overrides where quick_sft keeps its trained adapters
@@ -45,6 +45,54 @@ QUICK_RECIPES: dict[str, dict[str, Any]] = {
         "steps": 500,
         "batch_size": 4,
         "max_length": 1024,
+    },
+    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): every code path for a few steps, nothing measured
+    "minimal": {
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "learning_rate": 2e-4,
+        "steps": 4,
+        "batch_size": 4,
+        "max_length": 256,
+    },
+}
+
+# The SFT pipeline chapter's runs: the shortened run (validation every `eval_steps`, a checkpoint every
+# `save_steps`, resumed from the first one), and the short runs of the gradient-checkpointing, alpha and
+# gradient-explosion sections.
+PIPELINE_SIZES: dict[str, dict[str, int]] = {
+    "cpu": {
+        "steps": 60,
+        "batch_size": 8,
+        "eval_steps": 10,
+        "save_steps": 30,
+        "validation_records": 48,
+        "checkpointing_steps": 4,
+        "alpha_steps": 20,
+        "explosion_steps": 15,
+        "logging_steps": 5,
+    },
+    "spark": {
+        "steps": 200,
+        "batch_size": 4,
+        "eval_steps": 20,
+        "save_steps": 100,
+        "validation_records": 200,
+        "checkpointing_steps": 10,
+        "alpha_steps": 50,
+        "explosion_steps": 30,
+        "logging_steps": 10,
+    },
+    "minimal": {
+        "steps": 4,
+        "batch_size": 2,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "validation_records": 8,
+        "checkpointing_steps": 2,
+        "alpha_steps": 2,
+        "explosion_steps": 3,
+        "logging_steps": 1,
     },
 }
 
@@ -346,11 +394,16 @@ def quick_recipe(profile: Profile | None = None, seed: int = 0) -> dict[str, Any
     """The quick run's full recipe on `profile`: LoRA settings, data size and seed."""
     profile = profile or active_profile()
     return {
-        **QUICK_RECIPES[profile.name],
+        **run_sizes(QUICK_RECIPES, profile),
         "targets": list(DEFAULT_TARGETS),
         "dataset": "messages/train, load_records' default size",
         "seed": seed,
     }
+
+
+def pipeline_sizes(profile: Profile | None = None) -> dict[str, int]:
+    """The SFT pipeline chapter's run sizes for `profile` ('minimal' under FTCOURSE_SIZES=minimal)."""
+    return dict(run_sizes(PIPELINE_SIZES, profile or active_profile()))
 
 
 def quick_cache_dir(profile: Profile | None = None, seed: int = 0) -> Path:
