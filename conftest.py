@@ -200,10 +200,14 @@ def read_skip_log(path: Path) -> list[dict]:
     return skips
 
 
+def minimal_sizes(environ=os.environ) -> bool:
+    """True under FTCOURSE_SIZES=minimal: a smoke test of the code path, whose outputs are never cached."""
+    return environ.get("FTCOURSE_SIZES", "").strip().lower() == "minimal"
+
+
 def standins_active(environ=os.environ) -> bool:
-    """True when the run uses the spark profile on local stand-ins (ftcourse.toy.standin's environment)."""
-    spark = environ.get("FTCOURSE_PROFILE", "").strip().lower() == "spark"
-    return spark and bool(environ.get("FTCOURSE_MODEL"))
+    """True for the spark profile at minimal sizes: the environment `python -m ftcourse.toy.standin` sets."""
+    return environ.get("FTCOURSE_PROFILE", "").strip().lower() == "spark" and minimal_sizes(environ)
 
 
 def skip_summary_lines(skips: dict[str, list[dict]], unit_skips: list[tuple[str, str]]) -> list[str]:
@@ -278,8 +282,8 @@ class ChapterItem(NotebookItem):
             if result.error is not None:
                 raise NotebookFailedException(result)
             passed = True
-            # outputs of the stand-ins are a smoke test, never the book's: they stay out of the cache
-            if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0" and not standins_active():
+            # outputs at minimal sizes (the stand-ins) are a smoke test, never the book's: not cached
+            if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0" and not minimal_sizes():
                 cache_executed(self.source, notebook, result.nb)
         finally:
             if previous_log is None:

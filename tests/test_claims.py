@@ -116,3 +116,10 @@ def test_the_cache_path_is_the_book_extensions():
 
     assert claims.book_root(ROOT / "book" / "appendix") == ROOT
     assert claims.book_cache_path(ROOT) == ftcourse_book.execution_cache_path(ROOT)
+
+
+def test_a_cache_folder_can_be_named_in_the_environment(book, monkeypatch):
+    root, cache_path = book
+    monkeypatch.setenv(claims.CACHE_ENV, str(cache_path))
+    assert claims.book_cache_path(ROOT) == cache_path
+    assert claims.chapter_values(CHAPTER, root).value("n_test") == 100

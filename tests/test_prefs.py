@@ -376,3 +376,26 @@ def test_set_pad_token_prefers_llama3s_reserved_pad_token():
     assert prefs.set_pad_token(tok).pad_token == prefs.LLAMA3_PAD_TOKEN
     tok.pad_token = tok.eos_token
     assert prefs.set_pad_token(tok).pad_token == tok.eos_token  # a pad token already set is kept
+
+
+def test_simpo_trains_on_the_llama3_standin_which_has_no_pad_token(scratch):
+    # The spark path: Llama 3.1's tokenizer has no pad token (TRL's CPO/ORPO collators then refuse to pad),
+    # the weights are bf16, and the pairs come in the hub's conversational layout.
+    from ftcourse import data
+    from ftcourse.toy import standin
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in standin.standin_environment().items():
+            patch.setenv(key, value)
+        tokenizer, model = profiles.load_tokenizer(), profiles.load_base()
+        assert tokenizer.pad_token is None and model.dtype == torch.bfloat16
+        records = list(data.load_records("preference", "train", size=4))
+        trainer = prefs.preference_trainer(
+            "simpo", model, tokenizer, _dataset(records), steps=1, batch_size=2, output_dir=scratch
+        )
+        assert tokenizer.pad_token == prefs.LLAMA3_PAD_TOKEN
+        trainer.train()
+        compared = prefs.trl_comparison("simpo", trainer, n_rows=2)
+    ours, theirs = compared["loss"]
+    # TRL's CPO keeps the log-probabilities in the model's bf16 (8 mantissa bits), ours are float32.
+    assert math.isfinite(ours) and ours == pytest.approx(theirs, abs=0.1)

@@ -9,6 +9,11 @@ GGUF export and llama.cpp. What cannot run on a CPU is skipped with its reason.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,8 @@ import torch
 from ftcourse import data, evaluate, export, forgetting, llamacpp, profiles, sft
 from ftcourse.toy import standin
 from ftcourse.toy.tasks import FAMILIES, build_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,3 +158,73 @@ def test_ollama_judge_needs_a_server(spark_standin):
             f"spark judge {spark_standin.judge!r} needs an Ollama server with that model: {status.reason}"
         )
     assert evaluate.ollama_judge(spark_standin.judge.removeprefix("ollama:")) is not None  # needs the model
+
+
+# --- the chapter runner under the stand-ins (conftest.py) -------------------------------------------------
+
+SKIPPING_CHAPTER = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# A chapter with a CUDA-only step
+
+```{code-cell} ipython3
+import os
+
+from ftcourse import profiles
+
+print(profiles.note_skip("the fused kernel", "It needs CUDA."))
+print("log:", os.path.basename(os.environ["FTCOURSE_SKIP_LOG"]))
+```
+"""
+
+
+def test_chapter_runner_gives_each_chapter_a_skip_log_and_lists_the_skips(spark_standin, tmp_path):
+    """A throwaway book with one chapter, run by a copy of conftest.py under the stand-ins' environment."""
+    (tmp_path / "book" / "_ext").mkdir(parents=True)
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
+    shutil.copy(ROOT / "book" / "_ext" / "ftcourse_book.py", tmp_path / "book" / "_ext")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "_config.yml").write_text("title: test\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/cuda\n")
+    (tmp_path / "book" / "cuda.md").write_text(SKIPPING_CHAPTER)
+    env = {key: value for key, value in os.environ.items() if key != "FTCOURSE_EXECUTION_CACHE"}
+    env.pop(profiles.SKIP_LOG_ENV, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "book/cuda.md"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = done.stdout.split("spark stand-in skips")[-1]
+    assert "spark stand-in skips" in done.stdout
+    assert "book/cuda.md: the fused kernel. It needs CUDA." in summary
+    assert "1 skip(s) in 1 of 1 chapter(s)" in summary
+    assert not (tmp_path / "_build").exists()  # stand-in outputs never enter the book's execution cache
+
+
+def test_chapter_runner_reads_skip_logs_that_are_not_json_as_skips(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_book import _root_conftest
+
+    conftest = _root_conftest()
+    assert conftest.SKIP_LOG_ENV == profiles.SKIP_LOG_ENV
+    log = tmp_path / "chapter.jsonl"
+    assert conftest.read_skip_log(log) == []  # a chapter that skipped nothing writes no file
+    log.write_text('{"what": "Unsloth", "why": "Needs CUDA."}\n\nnot json\n')
+    skips = conftest.read_skip_log(log)
+    assert skips[0] == {"what": "Unsloth", "why": "Needs CUDA."} and len(skips) == 2
+    assert skips[1]["what"] == "line 3 of chapter.jsonl is not a note_skip record"
+    lines = conftest.skip_summary_lines({"a.md": skips, "b.md": []}, [("t::x", "no server")])
+    assert lines[0] == "a.md: Unsloth. Needs CUDA." and lines[2] == "t::x (unit test): no server"
+    assert lines[-1] == "2 skip(s) in 1 of 2 chapter(s); 1 unit test(s) skipped"
+    assert conftest.standins_active({"FTCOURSE_PROFILE": "spark", "FTCOURSE_SIZES": "minimal"})
+    assert not conftest.standins_active({"FTCOURSE_PROFILE": "spark"})  # real sizes: a run for the book
+    assert conftest.minimal_sizes({"FTCOURSE_SIZES": "minimal"}) and not conftest.minimal_sizes({})

@@ -49,8 +49,13 @@ REQUIRED_CONFIG_KEYS = (
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # llama.cpp's converter, which handles what this writer refuses. It ships in the llama-cpp-python source
-# distribution (pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36; unpack it):
+# distribution, and imports sentencepiece before it looks at any tokenizer, a Llama 3 one included. Checked
+# with 0.3.36: it reads a Llama 3.1 config (llama3 RoPE) and tokenizer; it accepts a BPE tokenizer only
+# when the token ids of its test string match a known model's, so a newly trained one (the stand-in's,
+# the embedded model's) stops there with "BPE pre-tokenizer was not recognized", while Meta's passes.
 CONVERTER_COMMAND = (
+    "pip download --no-binary :all: --no-deps llama-cpp-python==0.3.36 && "
+    "tar xzf llama_cpp_python-0.3.36.tar.gz && pip install sentencepiece && "
     "python llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py MODEL_DIR "
     "--outfile model-f16.gguf --outtype f16"
 )
