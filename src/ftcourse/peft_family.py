@@ -47,15 +47,16 @@ class FamilySizes:
 
 RUN_SIZES: dict[str, FamilySizes] = {
     # 13 methods x 2 seeds = 26 runs in the cpu chapter's CPU budget: a run costs about 0.6 CPU-s of fixed
-    # work (model, trainer, evaluation) and 0.1 CPU-s per step of 4 examples. The toy's answers are one
-    # token, so 4 reply tokens hold the answer, the end-of-turn marker and a margin.
+    # work (model, trainer, evaluation) and 0.08 CPU-s per step of 3 examples (compute-bound: fewer
+    # tokens per step is what makes a step cheaper). The toy's answers are one token, so 3 reply tokens
+    # hold the answer, the end-of-turn marker and a margin.
     "cpu": FamilySizes(
         steps=10,
-        batch_size=4,
+        batch_size=3,
         seeds=(0, 1),
         eval_per_family=5,
         heldout_docs=4,
-        reply_tokens=4,
+        reply_tokens=3,
     ),
     "spark": FamilySizes(
         steps=300,
@@ -599,11 +600,13 @@ def preload() -> None:
 
 
 def warm_up(profile: Profile | None = None) -> None:
-    """Train and measure a throwaway Llama of a few hundred kilobytes once, so forked runs start warm.
+    """Train and measure a throwaway one-layer Llama of width 16 once, so that forked runs start warm.
 
     The first training run in a process pays for lazy imports and first-call set-up in transformers,
-    TRL, peft and datasets (about 0.3 CPU-s here). Paid once in the parent, before forking, every child
-    inherits it; the model is too small for its freed memory to hide any part of a later run's peak.
+    TRL, peft and datasets (about 0.3 CPU-s per run on the cpu profile). Paid once in the parent before
+    forking, every child inherits it. What a child measures then drops by what that set-up allocates
+    (about 12 MiB here, the same for every method); the model is too small for its freed memory to hide
+    a part of a later run's peak.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 

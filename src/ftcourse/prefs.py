@@ -292,6 +292,29 @@ def _trainer_class(method: str) -> Any:
     return ORPOTrainer
 
 
+def trainer_options(
+    profile: Profile, output_dir: str, steps: int, batch_size: int, learning_rate: float, seed: int
+) -> dict[str, Any]:
+    """The TrainingArguments every trainer of this module shares: the run's size, no checkpoints, no bars.
+
+    TRL's defaults are for a GPU (bf16 on, activation checkpointing on). Here the profile decides bf16
+    and the device; activation checkpointing stays off, as the book's runs fit without it.
+    """
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "save_strategy": "no",
+        "report_to": "none",
+        "activation_checkpointing": False,
+        "use_cpu": profile.device == "cpu",
+        "bf16": profile.dtype == "bfloat16",
+        "disable_tqdm": True,
+    }
+
+
 LLAMA3_PAD_TOKEN = "<|finetune_right_pad_id|>"  # Llama 3.1 reserves it for padding, but sets no pad token
 
 
@@ -352,22 +375,12 @@ def preference_trainer(
             f"full fine-tuning with {method!r} needs a frozen reference: pass ref_model=copy.deepcopy(model)"
         )
     options: dict[str, Any] = {
-        "output_dir": output_dir,
-        "max_steps": steps,
-        "per_device_train_batch_size": batch_size,
-        "learning_rate": learning_rate,
+        **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
         "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": max(1, steps // 10),
         "logging_steps": logging_steps,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": seed,
         "data_seed": seed,
         "max_length": max_length,
-        "activation_checkpointing": False,  # TRL's default is on; a tiny model needs no memory saving
-        "use_cpu": profile.device == "cpu",
-        "bf16": profile.dtype == "bfloat16",
-        "disable_tqdm": True,
     }
     extra = {"ref_model": ref_model} if NEEDS_REFERENCE[method] else {}
     trainer = _trainer_class(method)(
@@ -870,21 +883,11 @@ def grpo_trainer(
     stay_offline(profile)
     records = [{"prompt": [{"role": "user", "content": t.prompt}], "answer": t.answer} for t in tasks]
     config = GRPOConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
+        **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
         num_generations=num_generations,
         max_completion_length=max_completion_length,
         temperature=temperature,
-        learning_rate=learning_rate,
         logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        activation_checkpointing=False,
-        use_cpu=profile.device == "cpu",
-        bf16=profile.dtype == "bfloat16",
-        disable_tqdm=True,
     )
     trainer = GRPOTrainer(
         model=model,
