@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +347,10 @@ def generate_with_llama_cpp(
             request = [*prefix_ids, *ids]
             llm.reset()  # no reuse of the previous prompt's cache: every prompt starts clean
             # temperature 0 selects llama.cpp's greedy sampler; generation stops at the file's EOS token.
-            completion = llm.create_completion(request, max_tokens=max_new_tokens, temperature=0.0)
+            with warnings.catch_warnings():
+                if prefix_ids:  # a prefix on purpose: llama-cpp-python's duplicate-BOS warning is no news
+                    warnings.filterwarnings("ignore", "Detected duplicate leading", RuntimeWarning)
+                completion = llm.create_completion(request, max_tokens=max_new_tokens, temperature=0.0)
             replies.append(completion["choices"][0]["text"])
     finally:
         llm.close()
