@@ -22,7 +22,7 @@ from ftcourse.sft import DEFAULT_TARGETS, TrainingRun, lora_config, train_sft
 # Run sizes per profile. cpu: the embedded model, a few dozen steps; spark: batch 1 with accumulation.
 RUN_SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
-        "steps": 60,
+        "steps": 50,
         "batch_size": 16,
         "gradient_accumulation_steps": 1,
         "learning_rate": 2e-3,
