@@ -225,3 +225,26 @@ def test_measure_generates_only_the_reply_tokens_the_sizes_allow(monkeypatch):
     sizes = dataclasses.replace(TINY, reply_tokens=3)
     peft_family.measure(object(), tokenizer, sizes, CPU, TEXTS)
     assert seen["max_new_tokens"] == 3
+
+
+def test_accuracy_plot_labels_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    points = [
+        ("LoRA", 155_648, [0.2, 0.2]),
+        ("QLoRA", 155_648, [0.25, 0.25]),
+        ("DoRA", 165_888, [0.15, 0.25]),
+    ]
+    points += [("AdaLoRA", 233_808, [0.2, 0.2]), ("IA3", 4096, [0.2, 0.15]), ("VeRA", 4096, [0.2, 0.2])]
+    rows = [
+        {"method": name, "trainable": n, "chat_per_seed": s, "chat_mean": sum(s) / 2}
+        | {"chat_min": min(s), "chat_max": max(s), "seeds": 2}
+        for name, n, s in points
+    ]
+    figure = peft_family.accuracy_vs_parameters(rows, peft_family.Baseline((True, False), (True, True), 5.0))
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].texts if t.get_text() != "base model"]
+    assert len(boxes) == 6  # six methods on six distinct points: one label each
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

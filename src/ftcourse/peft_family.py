@@ -800,18 +800,8 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
     labels: dict[tuple[int, float], list[str]] = {}  # methods on the same point share one label
     for row in done:
         labels.setdefault((row["trainable"], round(100 * row["chat_mean"], 1)), []).append(row["method"])
-    placed: list[tuple[float, float]] = []
-    for (trainable, chat), names in sorted(labels.items()):
-        # Stack a label under any earlier one that sits close by (log-x within 0.4, y within 8 points).
-        crowd = sum(1 for x, y in placed if abs(x - math.log10(trainable)) < 0.4 and abs(y - chat) < 8)
-        placed.append((math.log10(trainable), chat))
-        ax.annotate(
-            ", ".join(names),
-            (trainable, chat),
-            fontsize=8,
-            xytext=(5, 4 - 11 * crowd),
-            textcoords="offset points",
-        )
+    ax.set_xscale("log")
+    _place_labels(figure, ax, labels)
     ax.axhline(100 * _share(base.chat_hits), color="grey", linestyle="--", linewidth=1)
     ax.annotate(
         "base model",
@@ -821,10 +811,33 @@ def accuracy_vs_parameters(rows: Sequence[dict[str, Any]], base: Baseline) -> An
         color="grey",
         fontsize=8,
     )
-    ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("held-out chat exact match (%)")
     ax.set_title("Same data, same steps: accuracy against trainable parameters")
     ax.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def _place_labels(figure: Any, ax: Any, labels: dict[tuple[int, float], list[str]]) -> None:
+    """Write each label right of its point, moved down until it overlaps no label placed before it."""
+    x_low, x_high = (math.log10(v) for v in ax.get_xlim())
+    y_low, y_high = ax.get_ylim()
+    width_pt = ax.get_position().width * figure.get_figwidth() * 72  # the axes' size in points
+    height_pt = ax.get_position().height * figure.get_figheight() * 72
+    placed: list[tuple[float, float, float]] = []  # (left, right, baseline) of each label, in points
+    for (trainable, chat), names in sorted(labels.items()):
+        text = ", ".join(names)
+        left = (math.log10(trainable) - x_low) / (x_high - x_low) * width_pt + 5
+        right = left + 4.6 * len(text)  # about the width of a character at font size 8
+        y = (chat - y_low) / (y_high - y_low) * height_pt
+        shift = 0
+        while any(
+            left < other_right and other_left < right and abs(y + 4 - 11 * shift - baseline) < 10
+            for other_left, other_right, baseline in placed
+        ):
+            shift += 1
+        placed.append((left, right, y + 4 - 11 * shift))
+        ax.annotate(
+            text, (trainable, chat), fontsize=8, xytext=(5, 4 - 11 * shift), textcoords="offset points"
+        )
