@@ -241,8 +241,8 @@ def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any)
     from transformers.utils import logging as hf_logging
 
     profile = profile or active_profile()
-    if profile.name == "cpu":
-        hf_logging.disable_progress_bar()  # a bar for loading a 20 MB model is noise in the book
+    if profile.name == "cpu" or profile.minimal:
+        hf_logging.disable_progress_bar()  # a bar for loading a tiny model (or a stand-in) is noise
     options: dict[str, Any] = {"dtype": profile.torch_dtype, **_offline_kwargs(profile)}
     if profile.device == "cuda":
         options["device_map"] = "auto"
