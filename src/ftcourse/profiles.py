@@ -232,7 +232,13 @@ def load_tokenizer(role: str = "lora", profile: Profile | None = None) -> Any:
     from transformers import AutoTokenizer
 
     profile = profile or active_profile()
-    return AutoTokenizer.from_pretrained(resolve_model(role, profile), **_offline_kwargs(profile))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(role, profile), **_offline_kwargs(profile))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(backend.model).__name__ == "BPE":
+        # Llama 3.1 ships clean_up_tokenization_spaces=True; transformers ignores it for BPE tokenizers
+        # (it would strip real spaces) and warns on every first decode. Same output, no warning.
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
 
 
 def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any) -> Any:

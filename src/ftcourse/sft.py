@@ -476,6 +476,7 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
         profile=profile,
         progress=progress,
         copy_model=False,  # `base` was loaded for this run alone
+        logging_steps=min(5, max(1, recipe["steps"] // 2)),  # a 4-step minimal run still logs a curve
     )
     run.recipe = {**run.recipe, **recipe, "examples": len(records)}
     summary = {
