@@ -536,6 +536,11 @@ def _quiet_worker() -> None:
 
 def _worker(connection: Any, name: str, seed: int, profile: Profile, sizes: FamilySizes, texts: Any) -> None:
     """Body of a fresh process: run one method and send its result back through `connection`."""
+    import torch
+
+    # OpenMP's thread pool does not survive fork(): the parent trained (warm_up) with it, and a child that
+    # enters a parallel region waits forever for threads it does not have. One thread keeps torch out.
+    torch.set_num_threads(1)
     _quiet_worker()
     try:
         result = run_method(name, seed, profile, sizes, texts)
