@@ -156,8 +156,16 @@ def test_a_real_sigint_while_quantizing_stops_the_run(export_gguf_files, tmp_pat
     def press_ctrl_c():  # the signal itself, delivered to this process while llama.cpp works
         os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        llamacpp.quantize_gguf(export_gguf_files["f16"], tmp_path / "q4.gguf", "Q4_K_M", on_wait=press_ctrl_c)
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no handler: put
+    # Python's own in place, so the signal raises KeyboardInterrupt however the test run was started.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llamacpp.quantize_gguf(
+                export_gguf_files["f16"], tmp_path / "q4.gguf", "Q4_K_M", on_wait=press_ctrl_c
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
 
 
