@@ -467,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config_inited(app, config) -> None:
     root = Path(app.srcdir)
+    # YAML gives nitpick_ignore as lists; Sphinx looks (type, target) tuples up in it.
+    config.nitpick_ignore = {tuple(entry) for entry in config.nitpick_ignore}
     write_api_pages(root)
     version = book_version(root)
     config.version = config.release = version
