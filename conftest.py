@@ -13,8 +13,14 @@ outputs instead of executing the chapter again; a chapter whose code changed is 
 
 A `.md` page is a notebook exactly when myst-nb would execute it: its front matter names the jupytext
 format `myst` (or `file_format: mystnb`). Text-only pages such as the preface are not collected.
-At the end of the run, the terminal summary lists each chapter's wall and CPU time against the budget
-and the total; a chapter slower than 1.5 x its budget fails.
+Budgets travel across CPU models. Before the first chapter, the run times a fixed reference workload
+(`ftcourse.machine`: float32 and bfloat16 matmuls, a bitsandbytes 4-bit linear forward and backward) in a
+fresh process and divides it by the same workload's time on the machine the budgets were designed on. A
+chapter's budget in this machine's seconds is its design budget times that speed factor; a chapter fails
+only on a gross runaway, more than 3 x its scaled budget. At the end of the run, the terminal summary
+names the CPU, the reference time and the factor, and lists each chapter's raw wall time, its scaled time
+(raw / factor, in design-machine seconds), its CPU time and its verdict, with the totals.
+FTCOURSE_SPEED_FACTOR=x skips the measurement and uses x.
 
 Skips are never silent. Each chapter's kernel inherits FTCOURSE_SKIP_LOG naming a file of its own, where
 `ftcourse.profiles.note_skip` appends one JSON line per thing the chapter could not run here (a CUDA-only
@@ -42,8 +48,9 @@ ROOT = Path(__file__).resolve().parent
 TOC_PATH = ROOT / "_toc.yml"
 SOURCE_SUFFIXES = (".md", ".ipynb", ".rst")
 CHAPTER_BUDGET_S = float(os.environ.get("FTCOURSE_CHAPTER_BUDGET_S", "90"))
-# A chapter that runs longer than this multiple of its budget fails: that is a design problem, not noise.
-BUDGET_FAIL_FACTOR = 1.5
+# A chapter that runs longer than this multiple of its scaled budget fails: a runaway, not a slower CPU.
+BUDGET_FAIL_FACTOR = 3.0
+SPEED_FACTOR_ENV = "FTCOURSE_SPEED_FACTOR"
 GENERATED_SUFFIX = ".nbmake.ipynb"
 # = ftcourse.profiles.SKIP_LOG_ENV (tests/test_spark_path.py checks); a literal keeps torch out of conftest
 SKIP_LOG_ENV = "FTCOURSE_SKIP_LOG"
@@ -57,6 +64,8 @@ _TOC = pytest.StashKey["BookToc"]()
 # chapter -> the skips its kernel logged; and the session's folder of per-chapter skip logs
 _SKIPS = pytest.StashKey[dict[str, list[dict]]]()
 _SKIP_DIR = pytest.StashKey[Path]()
+# this machine's speed against the design machine's (ftcourse.machine), measured once per session
+_SPEED = pytest.StashKey["MachineSpeed"]()
 
 
 def front_matter(path: Path) -> dict:
@@ -237,6 +246,61 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(config.stash[_SKIP_DIR], ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class MachineSpeed:
+    """The reference workload's result: this CPU, the parts' seconds, and the factor budgets scale by."""
+
+    cpu: str
+    seconds: dict[str, float]
+    factor: float
+    note: str = ""
+    design_cpu: str = "the design machine"
+
+    def budget(self, design_budget_s: float = CHAPTER_BUDGET_S) -> float:
+        """The design budget in this machine's seconds."""
+        return design_budget_s * self.factor
+
+    def fail_limit(self, design_budget_s: float = CHAPTER_BUDGET_S) -> float:
+        """The wall time over which a chapter fails here (a gross runaway)."""
+        return BUDGET_FAIL_FACTOR * self.budget(design_budget_s)
+
+
+def measure_speed(environ=os.environ) -> MachineSpeed:
+    """Time `ftcourse.machine`'s reference workload in a fresh process (factor 1.0 and a note if it fails)."""
+    import subprocess
+
+    forced = environ.get(SPEED_FACTOR_ENV, "").strip()
+    if forced:
+        return MachineSpeed(
+            cpu="(not measured)", seconds={}, factor=float(forced), note=f"{SPEED_FACTOR_ENV}={forced}"
+        )
+    command = [sys.executable, "-m", "ftcourse.machine"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True, cwd=ROOT)
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+        return MachineSpeed(
+            cpu=data["cpu"],
+            seconds=data["seconds"],
+            factor=float(data["factor"]),
+            design_cpu=data["design_cpu"],
+        )
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        return MachineSpeed(
+            cpu="(unknown)",
+            seconds={},
+            factor=1.0,
+            note=f"reference workload failed, factor 1.0: {detail[-300:]}",
+        )
+
+
+def machine_speed(config: pytest.Config) -> MachineSpeed:
+    """This session's MachineSpeed, measured at the first call (before the first chapter runs)."""
+    if _SPEED not in config.stash:
+        config.stash[_SPEED] = measure_speed()
+    return config.stash[_SPEED]
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -259,6 +323,7 @@ class ChapterItem(NotebookItem):
         from nbmake.nb_run import NotebookRun
         from nbmake.pytest_items import NotebookFailedException
 
+        speed = machine_speed(self.config)  # before the clock starts: the measurement is not the chapter's
         start, cpu_start, passed = time.perf_counter(), _children_cpu_seconds(), False
         chapter = self.source.relative_to(ROOT).as_posix()
         skip_log = _skip_log_dir(self.config) / (chapter.replace("/", "__") + ".jsonl")
@@ -297,13 +362,14 @@ class ChapterItem(NotebookItem):
             cpu = _children_cpu_seconds() - cpu_start  # the kernel is a child of pytest, reaped at the end
             wall_times = self.config.stash.setdefault(_WALL_TIMES, {})
             wall_times[chapter] = (seconds, cpu if cpu > 0 else None, passed)
-        limit = BUDGET_FAIL_FACTOR * CHAPTER_BUDGET_S
+        limit = speed.fail_limit()
         if seconds > limit:
             pytest.fail(
                 f"{chapter} ran {seconds:.0f} s, more than {BUDGET_FAIL_FACTOR:g} x its "
-                f"{CHAPTER_BUDGET_S:.0f} s budget ({limit:.0f} s). Make the chapter cheaper "
-                "(fewer steps, seeds or evaluation items: use the profile's sizes). Its outputs were "
-                "cached, so the book build will not run it again.",
+                f"{CHAPTER_BUDGET_S:.0f} s budget scaled to this machine (speed factor {speed.factor:.2f}: "
+                f"{speed.budget():.0f} s; limit {limit:.0f} s; CPU: {speed.cpu}). A runaway, not a slow CPU: "
+                "make the chapter cheaper (fewer steps, seeds or evaluation items: use the profile's sizes). "
+                "Its outputs were cached, so the book build will not run it again.",
                 pytrace=False,
             )
 
@@ -367,29 +433,45 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(line)
 
 
+def chapter_verdict(seconds: float, passed: bool, speed: MachineSpeed) -> str:
+    """ok, OVER BUDGET (over the scaled budget), TOO SLOW (over the fail limit) or FAILED."""
+    if not passed:
+        return "FAILED"
+    if seconds > speed.fail_limit():
+        return "TOO SLOW"
+    if seconds > speed.budget():
+        return "OVER BUDGET"
+    return "ok"
+
+
 def _chapter_times_summary(terminalreporter, config: pytest.Config) -> None:
     wall_times = config.stash.get(_WALL_TIMES, {})
     if not wall_times:
         return
-    limit = BUDGET_FAIL_FACTOR * CHAPTER_BUDGET_S
+    speed = machine_speed(config)
     terminalreporter.section(
-        f"chapter times (budget {CHAPTER_BUDGET_S:.0f} s wall each; over {limit:.0f} s fails)"
+        f"chapter times (budget {CHAPTER_BUDGET_S:.0f} s each on the design machine; "
+        f"here {speed.budget():.0f} s, over {speed.fail_limit():.0f} s fails)"
     )
-    terminalreporter.write_line(f"{'wall':>8}    {'CPU':>8}    {'verdict':<11}  chapter")
+    terminalreporter.write_line(f"CPU: {speed.cpu}")
+    parts = ", ".join(f"{name} {value:.3f} s" for name, value in speed.seconds.items())
+    terminalreporter.write_line(
+        f"reference workload: {parts or '-'}; speed factor {speed.factor:.2f} against the design machine "
+        f"({speed.design_cpu}){'; ' + speed.note if speed.note else ''}"
+    )
+    terminalreporter.write_line(f"{'raw wall':>10}  {'scaled':>9}  {'CPU':>9}  {'verdict':<11}  chapter")
     for chapter, (seconds, cpu, passed) in wall_times.items():
-        if not passed:
-            verdict = "FAILED"
-        elif seconds > limit:
-            verdict = "TOO SLOW"
-        elif seconds > CHAPTER_BUDGET_S:
-            verdict = "OVER BUDGET"
-        else:
-            verdict = "ok"
-        cpu_text = f"{cpu:8.1f} s" if cpu is not None else f"{'-':>8}  "
-        terminalreporter.write_line(f"{seconds:8.1f} s  {cpu_text}  {verdict:<11}  {chapter}")
+        verdict = chapter_verdict(seconds, passed, speed)
+        cpu_text = f"{cpu:7.1f} s" if cpu is not None else f"{'-':>7}  "
+        terminalreporter.write_line(
+            f"{seconds:8.1f} s  {seconds / speed.factor:7.1f} s  {cpu_text}  {verdict:<11}  {chapter}"
+        )
     total = sum(seconds for seconds, _, _ in wall_times.values())
     total_cpu = sum(cpu or 0.0 for _, cpu, _ in wall_times.values())
-    terminalreporter.write_line(f"{total:8.1f} s  {total_cpu:8.1f} s  total for {len(wall_times)} chapter(s)")
+    terminalreporter.write_line(
+        f"{total:8.1f} s  {total / speed.factor:7.1f} s  {total_cpu:7.1f} s  "
+        f"total for {len(wall_times)} chapter(s)"
+    )
 
 
 @pytest.fixture(scope="session")
