@@ -38,9 +38,10 @@ KERNEL_FLAGS = (
 # Seconds each part of `reference_workload` took on the design machine, where the chapters' 90 s budgets
 # were set: a 2-core AMD EPYC with AVX512 (avx512_bf16, avx512_vnni), torch 2.13 CPU, bitsandbytes 0.50.2; the
 # fastest of 7 runs, and the fastest of several such measurements (2026-12-07). `speed_factor` is about 1.0
-# there. With ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU's kernels) the same machine
-# measured about 1.5x on float32, 100-200x on bfloat16 (oneDNN has no bfloat16 fast path without AVX512) and
-# 30-40x on the 4-bit linear.
+# there. Capping its kernels at AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) measured
+# about 1.5x on float32 and 30-200x on bfloat16 and the 4-bit linear: an upper bound for an AVX2-only CPU,
+# since torch still routes bfloat16 matmuls to oneDNN, whose AVX2 path has no bfloat16 kernel, where a real
+# AVX2 CPU gets torch's own (faster) fallback.
 DESIGN_SECONDS = {"float32 matmul": 0.040, "bfloat16 matmul": 0.0017, "4-bit linear fwd+bwd": 0.0084}
 DESIGN_CPU = "AMD EPYC, 2 cores, AVX512 with avx512_bf16"
 # How much each part counts in the factor: roughly the share of the chapters' time spent in that kind of work.
