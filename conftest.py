@@ -64,6 +64,8 @@ _TOC = pytest.StashKey["BookToc"]()
 # chapter -> the skips its kernel logged; and the session's folder of per-chapter skip logs
 _SKIPS = pytest.StashKey[dict[str, list[dict]]]()
 _SKIP_DIR = pytest.StashKey[Path]()
+# the session's store of executed chapters, which the self-checks and the claims ledger read first
+_GLUE_STORE = pytest.StashKey[Path]()
 # this machine's speed against the design machine's (ftcourse.machine), measured once per session
 _SPEED = pytest.StashKey["MachineSpeed"]()
 
@@ -241,7 +243,16 @@ def _skip_log_dir(config: pytest.Config) -> Path:
     return config.stash[_SKIP_DIR]
 
 
+def _glue_store_dir(config: pytest.Config) -> Path:
+    """This session's store of executed chapters (ftcourse.claims reads it before the execution cache)."""
+    if _GLUE_STORE not in config.stash:
+        config.stash[_GLUE_STORE] = Path(tempfile.mkdtemp(prefix="ftcourse-glue-"))
+    return config.stash[_GLUE_STORE]
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _GLUE_STORE in config.stash:
+        shutil.rmtree(config.stash[_GLUE_STORE], ignore_errors=True)
     if _SKIP_DIR in config.stash:
         shutil.rmtree(config.stash[_SKIP_DIR], ignore_errors=True)
 
@@ -330,6 +341,7 @@ class ChapterItem(NotebookItem):
         skip_log.unlink(missing_ok=True)
         previous_log = os.environ.get(SKIP_LOG_ENV)
         os.environ[SKIP_LOG_ENV] = str(skip_log)  # before the kernel starts: it inherits the environment
+        os.environ[ftcourse_book.GLUE_STORE_ENV] = str(_glue_store_dir(self.config))
         try:
             if self.notebook != self.source:
                 notebook = read_chapter(self.source)
@@ -347,6 +359,8 @@ class ChapterItem(NotebookItem):
             if result.error is not None:
                 raise NotebookFailedException(result)
             passed = True
+            # every passing run, cached or not (the stand-ins' never are): the pages that quote it read it
+            ftcourse_book.store_glued(_glue_store_dir(self.config), ROOT, self.source, result.nb)
             # outputs at minimal sizes (the stand-ins) are a smoke test, never the book's: not cached
             if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0" and not minimal_sizes():
                 cache_executed(self.source, notebook, result.nb)

@@ -226,3 +226,128 @@ def test_chapter_code_cells_pass_ruff(book_toc, tmp_path):
     )  # fmt: skip
     report = result.stdout.replace(str(tmp_path) + "/", "").replace(".ipynb:", ".md:")
     assert written and result.returncode == 0, f"ruff finds problems in chapter code cells:\n{report}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading order: myst-nb executes a page when Sphinx reads it, and Sphinx reads in alphabetical order.
+
+
+def _book_extension():
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    import ftcourse_book
+
+    return ftcourse_book
+
+
+def test_pages_that_quote_chapters_are_read_after_them():
+    """Hand-worked: Sphinx's alphabetical list puts the ledger and a self-check before their chapters."""
+    ext = _book_extension()
+    alphabetical = ["book/appendix/ledger", "book/part1/memory", "book/part1/self-check", "book/part1/why"]
+    quotes = {"book/appendix/ledger": ["book/part1/memory", "book/part1/why", "book/part9/not-read"],
+              "book/part1/self-check": ["book/part1/why", "book/part1/self-check"]}  # fmt: skip
+    assert ext.reading_order(alphabetical, quotes) == [
+        "book/part1/memory", "book/part1/why", "book/appendix/ledger", "book/part1/self-check",
+    ]  # fmt: skip
+    assert ext.reading_order(["b", "a"], {"a": ["b"], "b": ["a"]}) == ["b", "a"]  # a cycle keeps the order
+
+
+def test_every_quoting_page_of_the_book_is_read_after_its_chapters(book_toc):
+    """The real book: each self-check and the claims ledger comes after every chapter it names."""
+    ext = _book_extension()
+    docnames = sorted(entry for entry in book_toc.entries if book_toc.source(entry) is not None)
+    quotes = {
+        name: ext.quoted_chapters(book_toc.source(name).read_text(encoding="utf-8")) for name in docnames
+    }
+    readers = {name: names for name, names in quotes.items() if names}
+    expected = {f"book/part{n}/self-check" for n in range(1, 6)} | {"book/appendix/claims-ledger"}
+    assert set(readers) == expected, f"pages that quote chapters: {sorted(readers)}"
+    order = ext.reading_order(docnames, quotes)
+    assert sorted(order) == docnames
+    for reader, chapters in readers.items():
+        for chapter in chapters:
+            assert chapter in docnames, f"{reader} quotes {chapter}, which _toc.yml does not list"
+            assert order.index(chapter) < order.index(reader), f"{reader} would run before {chapter}"
+    alphabetical_first = [c for r, cs in readers.items() for c in cs if docnames.index(c) > docnames.index(r)]
+    assert alphabetical_first, (
+        "the alphabetical order no longer puts a quoting page first: keep the test honest"
+    )
+
+
+_PAGE_HEAD = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+{extra}---
+
+# {title}
+
+"""
+_CHAPTER_CELL = """```{{code-cell}} ipython3
+import pathlib
+pathlib.Path({marker!r}).write_text("measured")
+```
+"""
+_READER_CELL = """```{{code-cell}} ipython3
+import pathlib
+from myst_nb import glue
+marker = pathlib.Path({marker!r})  # as claims.chapter_values("b/chapter.md", root) would read it
+glue("quoted", marker.read_text() if marker.exists() else "not measured in this build", display=False)
+```
+
+Quoted: {{glue:text}}`quoted`.
+"""
+
+
+def _tiny_book(tmp_path: Path, reorder: bool) -> subprocess.CompletedProcess:
+    """A three-page Sphinx + myst-nb project where the reader page sorts before the chapter it quotes."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    marker = str(tmp_path / "chapter-ran.txt")
+    (src / "index.md").write_text("# Tiny\n\n```{toctree}\nb/chapter\na/reader\n```\n", encoding="utf-8")
+    (src / "b" / "chapter.md").write_text(
+        _PAGE_HEAD.format(extra="", title="Chapter") + _CHAPTER_CELL.format(marker=marker), encoding="utf-8"
+    )
+    force = "mystnb:\n  execution_mode: force\n"
+    (src / "a" / "reader.md").write_text(
+        _PAGE_HEAD.format(extra=force, title="Reader") + _READER_CELL.format(marker=marker), encoding="utf-8"
+    )
+    hooks = ["doctree-resolved", "_no_unmeasured_page"]
+    if reorder:
+        hooks = ["env-before-read-docs", "_read_quoting_pages_last", *hooks]
+    connects = "".join(
+        f"    app.connect({event!r}, ftcourse_book.{handler})\n"
+        for event, handler in zip(hooks[::2], hooks[1::2], strict=True)
+    )
+    (src / "conf.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'book' / '_ext')!r})\nimport ftcourse_book\n"
+        "extensions = ['myst_nb']\nnb_execution_mode = 'cache'\n"
+        f"nb_execution_cache_path = {str(tmp_path / 'cache')!r}\nexclude_patterns = ['_build']\n"
+        f"def setup(app):\n{connects}",
+        encoding="utf-8",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", str(src),
+         str(tmp_path / "html")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_the_book_build_runs_a_quoting_page_after_its_chapter_and_fails_if_not(tmp_path):
+    """myst-nb executes a page when Sphinx reads it; without the reordering the reader, which sorts first,
+    runs before its chapter and the build fails; with it, the reader quotes the chapter's measurement."""
+    pytest.importorskip("myst_nb")
+    pytest.importorskip("ipykernel")
+    unordered = _tiny_book(tmp_path / "unordered", reorder=False)
+    assert unordered.returncode != 0, "the build should have failed: the reader ran before its chapter"
+    assert "a/reader says 'not measured in this build'" in unordered.stderr, unordered.stderr[-2000:]
+
+    ordered = _tiny_book(tmp_path / "ordered", reorder=True)
+    assert ordered.returncode == 0, ordered.stdout[-2000:] + ordered.stderr[-2000:]
+    html = (tmp_path / "ordered" / "html" / "a" / "reader.html").read_text(encoding="utf-8")
+    assert 'Quoted: <span class="pasted-text">measured</span>' in html

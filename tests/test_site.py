@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urldefrag, urlsplit
 
@@ -425,6 +426,62 @@ def test_built_pages_load_nothing_from_the_network(site):
         if 'class="math' in text:
             assert mathjax.search(text), f"{page.relative_to(HTML)} has math but no local MathJax"
     assert (HTML / "mathjax" / "tex-chtml-full.js").is_file(), "local MathJax was not copied into the build"
+
+
+class _ShownText(HTMLParser):
+    """The text of an HTML page that a reader sees as prose or output: everything but cells' code."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0  # > 0 inside a cell's input (its code), whose text is not a claim
+        self.parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        if self.depth or "cell_input" in (dict(attrs).get("class") or "").split():
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if self.depth and tag not in self.VOID:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if not self.depth:
+            self.parts.append(data)
+
+
+def shown_text(html: str) -> str:
+    """What a reader reads on a page, cell code left out (tests/test_site.py's unmeasured-claims check)."""
+    parser = _ShownText()
+    parser.feed(html)
+    return " ".join(parser.parts)
+
+
+def test_shown_text_leaves_out_cell_code_only():
+    html = (
+        '<p>Answer: 1.5 nats.</p><div class="cell docutils container"><div class="cell_input docutils '
+        'container"><pre><span>x</span> = "not measured in this build"<br></pre></div>'
+        '<div class="cell_output docutils container"><pre>printed</pre></div></div>'
+    )
+    text = shown_text(html)
+    assert "Answer: 1.5 nats." in text and "printed" in text
+    assert ftcourse_book.NOT_MEASURED not in text
+
+
+def test_no_page_quotes_a_chapter_that_had_not_run(site):
+    """A self-check or the claims ledger built before its chapters ran would say so; none may (issue 19)."""
+    unmeasured = [
+        page.relative_to(HTML).as_posix()
+        for page in sorted(HTML.rglob("*.html"))
+        if ftcourse_book.NOT_MEASURED in shown_text(page.read_text(encoding="utf-8"))
+    ]
+    assert not unmeasured, (
+        f"{unmeasured} say {ftcourse_book.NOT_MEASURED!r}: they ran before a chapter they quote. The book "
+        "extension reads such pages after their chapters; rebuild with `make book` (it builds with --all)."
+    )
 
 
 def expected_numbers(root: Path = SITE_ROOT) -> dict[str, str | None]:

@@ -1,13 +1,18 @@
 """Numbers one page glued, read back for another: the claims ledger and the self-check pages quote them.
 
-myst-nb's glue pastes a value only inside the page that glued it. The book's execution cache holds every
-chapter that `pytest` (conftest.py) or the book build executed, as a notebook with its outputs; a glue
-output carries its value as the `text/plain` repr of its mime bundle (under myst-nb's
-`application/papermill.record/` prefix when glued with `display=False`). This module reads those values.
+myst-nb's glue pastes a value only inside the page that glued it. A glue output carries its value as the
+`text/plain` repr of its mime bundle (under myst-nb's `application/papermill.record/` prefix when glued
+with `display=False`). This module reads those values from an executed copy of the chapter, found in
 
-A chapter that is not in the cache (not run yet in this build, or run with FTCOURSE_EXECUTION_CACHE=0)
-gives the sentence `not measured in this build (...)`, naming the chapter: never a number. A name that a
-cached chapter did not glue is an error, so a renamed glue name cannot go unnoticed.
+1. the session store that the chapter runner (conftest.py) fills as each chapter passes, named by the
+   environment variable FTCOURSE_GLUE_STORE: this run's values, and the only copy under the spark
+   stand-ins, whose runs are never cached; else
+2. the book's execution cache, which holds every chapter that `pytest` or the book build executed.
+
+A chapter found in neither has not run, and a page that quotes it fails with `ChapterNotRun`, which says
+what to run: it never shows a placeholder instead of a number. A name that the chapter did not glue is a
+`KeyError`, so a renamed glue name cannot go unnoticed. The book build reads the quoting pages after the
+chapters they quote (book/_ext/ftcourse_book.py, `reading_order`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 GLUE_PREFIX = "application/papermill.record/"
 EXTENSION = Path("book") / "_ext" / "ftcourse_book.py"
 CACHE_ENV = "FTCOURSE_CLAIMS_CACHE"  # read another build's cache folder instead (e.g. to preview a page)
+STORE_ENV = "FTCOURSE_GLUE_STORE"  # = ftcourse_book.GLUE_STORE_ENV (tests/test_claims.py checks)
 _NUMPY_REPR = re.compile(r"^np\.(?:float|int|uint|bool)\w*\((.*)\)$")
 
 
@@ -36,6 +42,8 @@ def parse_plain(text: str) -> Any:
         text = match.group(1)
     elif text in ("np.True_", "np.False_"):
         return text == "np.True_"
+    if text in ("nan", "inf", "-inf"):  # repr of a float that literal_eval cannot read back
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -66,17 +74,39 @@ def book_root(start: str | Path = ".") -> Path | None:
     return None
 
 
-def book_cache_path(root: str | Path) -> Path:
-    """The execution cache folder for the current package, pins and profile (the book extension's rule)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+def _book_extension(root: str | Path) -> Any:
+    """The book's Sphinx extension module (it owns the cache key and the store's file names)."""
     path = Path(root) / EXTENSION
     if not path.is_file():
         raise FileNotFoundError(f"root: {root} has no {EXTENSION}; pass the book's repository root.")
     spec = importlib.util.spec_from_file_location("_ftcourse_book_for_claims", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return Path(module.execution_cache_path(Path(root)))
+    return module
+
+
+def book_cache_path(root: str | Path) -> Path:
+    """The execution cache folder for the current package, pins and profile (the book extension's rule)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(_book_extension(root).execution_cache_path(Path(root)))
+
+
+def store_file(store: str | Path, chapter: str | Path) -> Path:
+    """Where the session store keeps a chapter's executed notebook (= ftcourse_book.glue_store_file)."""
+    return Path(store) / (Path(chapter).as_posix().replace("/", "__") + ".ipynb")
+
+
+def stored_notebook(store: str | Path, chapter: str | Path) -> Any | None:
+    """The executed notebook the session store holds for `chapter` (a path from the root); None if none."""
+    import nbformat
+
+    path = store_file(store, chapter)
+    return nbformat.read(str(path), as_version=4) if path.is_file() else None
+
+
+class ChapterNotRun(LookupError):
+    """A page quotes a chapter that has no executed copy in this run's store or the execution cache."""
 
 
 def cached_notebook(cache_path: str | Path, source: str | Path) -> Any | None:
@@ -96,27 +126,31 @@ def cached_notebook(cache_path: str | Path, source: str | Path) -> Any | None:
 
 @dataclass
 class ChapterValues:
-    """The glued values of one chapter, or None when the chapter has no cached run in this build."""
+    """The glued values of one chapter, or None when the chapter has not run (neither stored nor cached)."""
 
     chapter: str  # path from the book root, e.g. "book/part2/dora.md"
     values: Mapping[str, Any] | None
+    found_in: str = "the execution cache"  # where the values were read: the session store or the cache
 
     @property
     def measured(self) -> bool:
-        """True when the chapter ran in this build (its cache entry exists)."""
+        """True when the chapter ran (this session stored it, or the execution cache holds it)."""
         return self.values is not None
 
-    def missing_text(self) -> str:
-        """What a page shows instead of a number when the chapter has not run in this build."""
-        return f"not measured in this build ({self.chapter} has not run)"
+    def not_run(self, name: str) -> ChapterNotRun:
+        """The error a page raises when it quotes `name` from a chapter that has not run."""
+        return ChapterNotRun(
+            f"{self.chapter} has not run, so its value {name!r} is unknown: there is no executed copy in "
+            f"this session's glue store (${STORE_ENV}) or in the book's execution cache. A page that "
+            f"quotes a chapter must run after it. Run the chapter first (`pytest {self.chapter}`, then "
+            "this page; `pytest book` runs them in the toc's order), or build the book, which reads such "
+            "pages after the chapters they quote."
+        )
 
     def value(self, name: str) -> Any:
-        """The value glued under `name`; LookupError when the chapter has not run or glued no such name."""
+        """The value glued under `name`: ChapterNotRun if the chapter has not run, KeyError if none."""
         if self.values is None:
-            raise LookupError(
-                f"{self.chapter} has no executed copy in the execution cache, so {name!r} is unknown. "
-                "Run the chapter first (pytest, FTCOURSE_EXECUTION_CACHE left on), or use text() for a page."
-            )
+            raise self.not_run(name)
         if name not in self.values:
             known = ", ".join(sorted(self.values)) or "nothing"
             raise KeyError(
@@ -126,31 +160,37 @@ class ChapterValues:
         return self.values[name]
 
     def text(self, name: str, spec: str = "") -> str:
-        """The glued value formatted with `spec` (ignored for text), or the not-measured sentence."""
-        if self.values is None:
-            return self.missing_text()
+        """The glued value formatted with `spec` (ignored for text); ChapterNotRun if it has not run."""
         value = self.value(name)
         if spec and isinstance(value, (int, float)) and not isinstance(value, bool):
             return format(value, spec)
         return str(value)
 
     def fill(self, template: str) -> str:
-        """`template` with `{name:spec}` fields filled from the glued values, or the not-measured sentence."""
-        if self.values is None:
-            return self.missing_text()
-        names = [field for _, field, _, _ in string.Formatter().parse(template) if field]
-        for name in names:
-            self.value(name)  # a name the chapter did not glue: the clear KeyError, not format_map's
-        return template.format_map(self.values)
+        """`template` with its `{name:spec}` fields filled from the glued values (errors as value())."""
+        for name in template_fields(template):
+            self.value(name)  # not run, or a name the chapter did not glue: the clear error, not format_map's
+        return template.format_map(self.values or {})
+
+
+def template_fields(template: str) -> list[str]:
+    """The glue names a `fill` template quotes, in order: `"{em:.1f}% of {n}"` gives `["em", "n"]`."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
 def chapter_values(
     chapter: str | Path, root: str | Path, cache_path: str | Path | None = None
 ) -> ChapterValues:
-    """The glued values of `chapter` (a path from `root`) as this build's execution cache holds them."""
+    """The glued values of `chapter` (a path from `root`): this session's run if stored, else the cache's."""
     root = Path(root)
     source = root / chapter
     if not source.is_file():
         raise FileNotFoundError(f"chapter: {source} does not exist; give a path from the book root.")
+    name = Path(chapter).as_posix()
+    store = os.environ.get(STORE_ENV)
+    if store:
+        notebook = stored_notebook(store, name)
+        if notebook is not None:
+            return ChapterValues(name, glue_values(notebook), found_in="this session's glue store")
     notebook = cached_notebook(cache_path if cache_path is not None else book_cache_path(root), source)
-    return ChapterValues(Path(chapter).as_posix(), None if notebook is None else glue_values(notebook))
+    return ChapterValues(name, None if notebook is None else glue_values(notebook))
