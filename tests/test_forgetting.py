@@ -70,7 +70,11 @@ def test_snapshot_agrees_with_separate_measurements(base, tokenizer, questions):
     assert shot.task == evaluate.exact_match(base, tokenizer, test).overall
     assert shot.validation == evaluate.exact_match(base, tokenizer, validation).overall
     assert shot.raw == evaluate.exact_match(base, tokenizer, test, form="raw").overall
-    assert shot.perplexity == pytest.approx(evaluate.perplexity(base, tokenizer, TEXTS), rel=1e-6)
+    # The same function on the same text: a float32 sum of n token losses, good to n·eps relative, and exp
+    # of their mean turns that into |mean NLL|·n·eps relative on the perplexity.
+    total, n_tokens = evaluate.token_nll(base, tokenizer, TEXTS)
+    rel = abs(total / n_tokens) * n_tokens * torch.finfo(torch.float32).eps
+    assert shot.perplexity == pytest.approx(evaluate.perplexity(base, tokenizer, TEXTS), rel=rel)
 
 
 def _shot(step: int, task: float, validation: float, raw: float = 0.5) -> forgetting.Snapshot:

@@ -13,6 +13,7 @@ from adapter_fixtures import (
     RANK,
     TARGETS,
     assert_equal_to_peft,
+    grads_by_layer,
     peft_and_ours,
     sample_input_ids,
     tiny_llama,
@@ -40,6 +41,72 @@ def test_outputs_and_grads_equal_peft(base, input_ids, use_rslora):
     theirs, ours = peft_and_ours(base, use_rslora=use_rslora)
     logits_ours = assert_equal_to_peft(theirs, ours, input_ids, {"A", "B"})
     assert not torch.allclose(logits_ours, base(input_ids=input_ids).logits, atol=1e-3)  # the update matters
+
+
+def ulps_apart(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|actual - expected| in units in the last place (ulps) of `expected` in `dtype`, elementwise."""
+    expected64 = expected.double()
+    # A dtype with p mantissa bits (eps = 2^-p) spaces its numbers in [2^k, 2^(k+1)) by eps * 2^k.
+    info = torch.finfo(dtype)
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(expected64.abs().clamp_min(info.tiny))))
+    return (actual.double() - expected64).abs() / ulp
+
+
+def assert_low_precision_equal_to_peft(dtype: torch.dtype, use_dora: bool) -> None:
+    """On a `dtype` base with float32 adapters (peft's autocast_adapter_dtype), ours equals peft's.
+
+    Tolerances from the dtype: both sides do the same operations in the same order, so they round the same
+    float32 numbers to `dtype` the same way, and the logits may be at most one ulp of `dtype` apart. The
+    gradients of A, B (and m) are float32 but flow back through `dtype` activations, each of which carries a
+    relative rounding error up to eps(dtype): they may differ by one such rounding of their own scale.
+    Rounding the low-rank update to `dtype` before adding it (the order this package used before) puts the
+    logits up to hundreds of ulps apart and the gradients 1.1 to 24 eps(dtype) apart, so both checks fail.
+    """
+    base = tiny_llama().to(dtype)
+    theirs, ours = peft_and_ours(base, use_dora=use_dora)
+    trained = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())  # adapters stay float32
+    ids = sample_input_ids()
+    logits_theirs, logits_ours = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert logits_ours.dtype == logits_theirs.dtype == dtype
+    assert ulps_apart(logits_ours, logits_theirs, dtype).max().item() <= 1
+    with torch.no_grad():  # the update matters: far more than one ulp from the base model's logits
+        assert ulps_apart(base(input_ids=ids).logits, logits_theirs, dtype).max().item() > 100
+    logits_theirs.float().square().mean().backward()
+    logits_ours.float().square().mean().backward()
+    g_theirs, g_ours = grads_by_layer(theirs), grads_by_layer(ours)
+    assert set(g_ours) == set(g_theirs) and len(g_ours) == len(TARGETS) * len(base.model.layers)
+    eps = torch.finfo(dtype).eps
+    for layer, grads in g_ours.items():
+        assert set(grads) == ({"A", "B", "m"} if use_dora else {"A", "B"})
+        for key, grad in grads.items():
+            reference = g_theirs[layer][key]
+            assert grad.dtype == torch.float32
+            assert (grad - reference).abs().max() <= eps * reference.abs().max(), (layer, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_outputs_and_grads_equal_peft_on_a_half_precision_base(dtype):
+    assert_low_precision_equal_to_peft(dtype, use_dora=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_adds_the_update_in_float32_and_rounds_once(dtype):
+    # W0·x in the base dtype, the update B·A·x in float32, their sum rounded to the base dtype once.
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32, dtype=dtype)
+    layer = lora.LoRALinear(base, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.B.copy_(0.05 * torch.randn_like(layer.B))
+    x = torch.randn(16, 64).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+        update = (x.float() @ layer.A.T) @ layer.B.T
+        rounded_once = (base(x).float() + layer.scaling * update).to(dtype)
+        rounded_twice = base(x) + (layer.scaling * update).to(dtype)  # the update rounded first
+    assert out.dtype == dtype
+    assert ulps_apart(out, rounded_once, dtype).max().item() <= 1  # float32 sums in another order
+    assert (out != rounded_twice).any()  # the test can tell the two orders apart on this input
 
 
 def test_scaling_worked_by_hand():

@@ -1,13 +1,17 @@
 """The from-scratch preference losses against TRL 1.x on the same model and batch, and against hand-worked
 cases.
 
-Tolerance: 1e-5 absolute on losses and logged rewards. TRL computes log-probabilities with a chunked kernel
-(DPO, KTO) and `selective_log_softmax` (CPO, ORPO) rather than a plain `log_softmax`, so the two sides agree
-to float32 rounding, not bitwise.
+Tolerances come from float32's machine epsilon and the number of terms a value sums. TRL computes
+log-probabilities with a chunked kernel (DPO, KTO) and `selective_log_softmax` (CPO, ORPO) rather than a
+plain `log_softmax`, so the two sides agree to float32 rounding, not bitwise: a sum of n float32 terms of one
+sign is good to n·eps relative (`summed_rel`), and a loss or logged value built from a few such sums to that
+much of the sums' size (`trl_atol`). The hand-worked cases run in float64 against the formula (agreement to
+a few float64 eps) and in float32 (a few float32 eps per operation).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import tempfile
 
@@ -17,7 +21,27 @@ import torch
 from ftcourse import prefs, profiles
 from ftcourse.toy import preferences as toy_prefs
 
-ATOL = 1e-5
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def summed_rel(n_terms: int) -> float:
+    """Relative tolerance of a float32 sum of `n_terms` terms of one sign: each addition rounds by eps/2."""
+    return n_terms * EPS32
+
+
+def trl_atol(batch: dict, logps: torch.Tensor, weight: float) -> float:
+    """Absolute tolerance on a value that is `weight` times a combination of up to four log-prob sums.
+
+    Each sum runs over the batch's width - 1 positions and is good to summed_rel(width - 1) of its size,
+    at most max|logps|; four of them, times the method's weight (beta, lambda, lambda_D), bound the gap.
+    """
+    width = batch["input_ids"].shape[1]
+    return 4 * weight * summed_rel(width - 1) * logps.abs().max().item()
+
+
+def by_hand(dtype: torch.dtype, n_ops: int) -> float:
+    """Relative tolerance of a hand-worked loss: `n_ops` float operations, each good to eps."""
+    return n_ops * torch.finfo(dtype).eps
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +107,22 @@ def test_sequence_logprobs_by_hand():
         "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]),
         "completion_mask": torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0]]),
     }
-    log_z = math.log(sum(math.exp(0.01 * k) for k in range(11)))
-    out = prefs.sequence_logprobs(ConstantLogits(), batch)
+    vocab = 11
+    log_z = math.log(sum(math.exp(0.01 * k) for k in range(vocab)))  # float64
+    out = prefs.sequence_logprobs(ConstantLogits(vocab), batch)
+    # float32 all the way: a log-softmax over `vocab` logits, then a sum over the 5 positions. Each of
+    # those vocab + 5 operations rounds by at most eps/2 of the running size, so (vocab + 5)·eps relative
+    # bounds the gap to the float64 formula (about 2e-5 on totals near 10, against 0.01 for one token
+    # miscounted and 2.4 for a token taken from the wrong row or position).
+    rel = summed_rel(vocab + batch["input_ids"].shape[1] - 1)
     # log p(token k) = 0.01 k - log Z, whatever came before it; only completion tokens count.
     expected_total = [0.01 * (6 + 7) - 2 * log_z, 0.01 * (9 + 8 + 10) - 3 * log_z]
-    assert out.total.tolist() == pytest.approx(expected_total, abs=1e-6)
+    assert out.total.tolist() == pytest.approx(expected_total, rel=rel)
     assert out.n_tokens.tolist() == [2, 3]
-    assert out.mean.tolist() == pytest.approx([expected_total[0] / 2, expected_total[1] / 3], abs=1e-6)
+    assert out.mean.tolist() == pytest.approx([expected_total[0] / 2, expected_total[1] / 3], rel=rel)
     # Every real token after the first (the prompt too, never the padding).
     expected_all = [0.01 * (4 + 5 + 6 + 7) - 4 * log_z, 0.01 * (2 + 9 + 8 + 10) - 4 * log_z]
-    assert out.all_total.tolist() == pytest.approx(expected_all, abs=1e-6)
+    assert out.all_total.tolist() == pytest.approx(expected_all, rel=rel)
     chosen, rejected = out.halves()
     assert chosen.total.shape == rejected.total.shape == (1,)
 
@@ -112,7 +142,9 @@ def test_sequence_logprobs_of_a_bf16_model_are_float32_exact():
     expected = sum(logits[k] - log_z for k in (5, 6, 7, 10))  # the four completion tokens
     out = prefs.sequence_logprobs(model, batch)
     assert out.total.dtype == torch.float32
-    assert out.total.item() == pytest.approx(expected, abs=1e-5)
+    # float32 from the bf16 logits on: (vocab + positions)·eps relative, about 1e-5 here; a bf16
+    # log-softmax would be off by up to 0.008 per token.
+    assert out.total.item() == pytest.approx(expected, rel=summed_rel(11 + 5))
 
 
 def test_sequence_logprobs_rejects_bad_batches():
@@ -133,16 +165,17 @@ def test_sequence_logprobs_rejects_bad_batches():
 # --- DPO -------------------------------------------------------------------------------------------------
 
 
-def test_dpo_loss_by_hand():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dpo_loss_by_hand(dtype):
     # c - c_ref = 0.5, r - r_ref = -0.5, so beta * (0.5 + 0.5) = 0.1 and the loss is log(1 + e^-0.1).
-    out = prefs.dpo_loss(
-        torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
-    )
-    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-7)  # a sign error gives +0.1
-    assert out.chosen_rewards.item() == pytest.approx(0.05)
-    assert out.rejected_rewards.item() == pytest.approx(-0.05)
+    out = prefs.dpo_loss(*(torch.tensor([v], dtype=dtype) for v in (-1.0, -2.0, -1.5, -1.5)))
+    rel = by_hand(dtype, 8)  # three subtractions, a product, log-sigmoid (about three), the mean
+    assert out.loss.dtype == dtype
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-0.1)), rel=rel)  # a sign error: e^+0.1
+    assert out.chosen_rewards.item() == pytest.approx(0.05, rel=rel)
+    assert out.rejected_rewards.item() == pytest.approx(-0.05, rel=rel)
     assert out.accuracy == 1.0
-    assert out.metrics()["rewards/margins"] == pytest.approx(0.1)
+    assert out.metrics()["rewards/margins"] == pytest.approx(0.1, rel=rel)
 
 
 def test_dpo_matches_trl(tokenizer, pairs, scratch):
@@ -157,14 +190,17 @@ def test_dpo_matches_trl(tokenizer, pairs, scratch):
             ref_chosen, ref_rejected = prefs.sequence_logprobs(trainer.model, batch).halves()
     ours = prefs.dpo_loss(chosen.total, rejected.total, ref_chosen.total, ref_rejected.total, beta=0.1)
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
-    assert ours.loss.item() == pytest.approx(trl_loss, abs=ATOL)
-    assert abs(ours.loss.item() - math.log(2)) > 1e-3  # the policy really differs from the reference
+    sums = torch.cat([chosen.total, rejected.total, ref_chosen.total, ref_rejected.total])
+    atol = trl_atol(batch, sums, weight=0.1)
+    assert ours.loss.item() == pytest.approx(trl_loss, abs=atol)
+    assert abs(ours.loss.item() - math.log(2)) > 10 * atol  # the policy really differs from the reference
     for key, value in ours.metrics().items():
         if key != "loss":
-            assert value == pytest.approx(logged[key], abs=ATOL), key
+            assert value == pytest.approx(logged[key], abs=atol), key
     # Summed over completion tokens only: an unmasked prompt would change these by whole nats.
-    assert chosen.total.mean().item() == pytest.approx(logged["logps/chosen"], abs=1e-4)
-    assert rejected.total.mean().item() == pytest.approx(logged["logps/rejected"], abs=1e-4)
+    rel = summed_rel(batch["input_ids"].shape[1] - 1)
+    assert chosen.total.mean().item() == pytest.approx(logged["logps/chosen"], rel=rel)
+    assert rejected.total.mean().item() == pytest.approx(logged["logps/rejected"], rel=rel)
 
 
 # --- SimPO and ORPO (trl.experimental) --------------------------------------------------------------------
@@ -186,40 +222,61 @@ def _paired_batch(trainer, n: int) -> tuple[dict, dict]:
     return raw, ours
 
 
-def test_simpo_loss_by_hand():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_simpo_loss_by_hand(dtype):
     # Averages -0.5 (chosen) and -1.0 (rejected): beta * 0.5 - gamma = 2 * 0.5 - 1 = 0, loss log 2.
-    out = prefs.simpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), beta=2.0, gamma=1.0)
-    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    out = prefs.simpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), beta=2.0, gamma=0.0)
-    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-7)
-    assert out.chosen_rewards.item() == pytest.approx(-1.0)
+    chosen, rejected = torch.tensor([-0.5], dtype=dtype), torch.tensor([-1.0], dtype=dtype)
+    rel = by_hand(dtype, 6)  # a subtraction, a product, the margin, log-sigmoid (about three)
+    out = prefs.simpo_loss(chosen, rejected, beta=2.0, gamma=1.0)
+    assert out.loss.item() == pytest.approx(math.log(2), rel=rel)
+    out = prefs.simpo_loss(chosen, rejected, beta=2.0, gamma=0.0)
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-1.0)), rel=rel)
+    assert out.chosen_rewards.item() == pytest.approx(-1.0, rel=rel)
+    # The default margin is TRL's (CPOConfig.simpo_gamma), so the loss and the trainer agree by default.
+    from trl.experimental.cpo import CPOConfig
+
+    assert prefs.SIMPO_GAMMA == CPOConfig.simpo_gamma == prefs.METHOD_DEFAULTS["simpo"]["gamma"] == 0.5
+    assert inspect.signature(prefs.simpo_loss).parameters["gamma"].default == prefs.SIMPO_GAMMA
+    out = prefs.simpo_loss(chosen, rejected, beta=2.0)
+    assert out.loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), rel=rel)
 
 
 def test_simpo_matches_trl(tokenizer, pairs, scratch):
     trainer = _trainer("simpo", tokenizer, toy_prefs.preference_records(pairs[:4]), scratch, peft_config=None)
+    assert trainer.args.simpo_gamma == prefs.SIMPO_GAMMA and trainer.args.cpo_alpha == 0.0
     raw, batch = _paired_batch(trainer, 4)
     with torch.no_grad():
         trl_loss, logged = trainer.get_batch_loss_metrics(trainer.model, raw)
         chosen, rejected = prefs.sequence_logprobs(trainer.model, batch).halves()
-    ours = prefs.simpo_loss(chosen.mean, rejected.mean, beta=2.0, gamma=1.0)
-    assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=ATOL)
+    ours = prefs.simpo_loss(chosen.mean, rejected.mean, beta=2.0)
+    atol = trl_atol(batch, torch.cat([chosen.mean, rejected.mean]), weight=2.0)
+    assert ours.loss.item() == pytest.approx(trl_loss.item(), abs=atol)
     for key, value in ours.metrics().items():
         if key != "loss":
-            assert value == pytest.approx(logged[key], abs=ATOL), key
+            assert value == pytest.approx(logged[key], abs=atol), key
     # The pairs differ in length, so summed log-probs (no length normalisation) give another loss.
     assert not torch.equal(chosen.n_tokens, rejected.n_tokens)
-    unnormalised = prefs.simpo_loss(chosen.total, rejected.total, beta=2.0, gamma=1.0)
+    unnormalised = prefs.simpo_loss(chosen.total, rejected.total, beta=2.0)
     assert abs(unnormalised.loss.item() - trl_loss.item()) > 1e-2
 
 
-def test_orpo_loss_by_hand():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_orpo_loss_by_hand(dtype):
     # p_w = e^-0.5, p_l = e^-1: log odds = log(p/(1-p)); the loss is nll - lam * log sigmoid(difference).
     p_w, p_l = math.exp(-0.5), math.exp(-1.0)
     log_odds = math.log(p_w / (1 - p_w)) - math.log(p_l / (1 - p_l))
-    out = prefs.orpo_loss(torch.tensor([-0.5]), torch.tensor([-1.0]), nll=torch.tensor(2.0), lam=0.1)
+    out = prefs.orpo_loss(
+        torch.tensor([-0.5], dtype=dtype),
+        torch.tensor([-1.0], dtype=dtype),
+        nll=torch.tensor(2.0, dtype=dtype),
+        lam=0.1,
+    )
     expected = 2.0 - 0.1 * math.log(1 / (1 + math.exp(-log_odds)))
-    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
-    assert out.extra["log_odds_chosen"] == pytest.approx(log_odds, abs=1e-6)
+    # Two log1mexp (exp, log1p: about three each), four subtractions, log-sigmoid, mean, product, sum.
+    # log odds is a difference of terms near 1 that cancel to 0.6: allow that much more relative error.
+    rel = by_hand(dtype, 16)
+    assert out.loss.item() == pytest.approx(expected, rel=rel)
+    assert out.extra["log_odds_chosen"] == pytest.approx(log_odds, rel=rel * 4)
     assert prefs.log1mexp(torch.tensor([-1e-6, -5.0])).tolist() == pytest.approx(
         [math.log(1e-6), math.log1p(-math.exp(-5.0))], rel=1e-4
     )
@@ -234,10 +291,17 @@ def test_orpo_matches_trl_which_scores_the_prompt(tokenizer, pairs, scratch):
     trl_like = prefs.orpo_loss(
         chosen.mean, rejected.mean, prefs.orpo_nll(chosen, include_prompt=True), lam=0.1
     )
-    assert trl_like.loss.item() == pytest.approx(trl_loss.item(), abs=ATOL)
-    assert trl_like.extra["nll_loss"] == pytest.approx(float(logged["nll_loss"]), abs=ATOL)
-    assert trl_like.extra["log_odds_ratio"] == pytest.approx(float(logged["log_odds_ratio"]), abs=ATOL)
-    assert trl_like.metrics()["rewards/margins"] == pytest.approx(float(logged["rewards/margins"]), abs=ATOL)
+    # The NLL (weight 1) averages every token of the chosen rows, prompts included: a sum of that many
+    # terms, good to summed_rel(n) of its size; the odds-ratio term (weight lambda) is smaller.
+    nll = prefs.orpo_nll(chosen, include_prompt=True)
+    n_terms = int(chosen.all_tokens.sum())
+    atol = (
+        4 * summed_rel(n_terms) * torch.cat([chosen.mean, rejected.mean, nll.reshape(1)]).abs().max().item()
+    )
+    assert trl_like.loss.item() == pytest.approx(trl_loss.item(), abs=atol)
+    assert trl_like.extra["nll_loss"] == pytest.approx(float(logged["nll_loss"]), abs=atol)
+    assert trl_like.extra["log_odds_ratio"] == pytest.approx(float(logged["log_odds_ratio"]), abs=atol)
+    assert trl_like.metrics()["rewards/margins"] == pytest.approx(float(logged["rewards/margins"]), abs=atol)
     # Pinned: TRL's NLL covers the prompt; the paper's (completion only) is a different number.
     paper = prefs.orpo_loss(chosen.mean, rejected.mean, prefs.orpo_nll(chosen), lam=0.1)
     assert abs(paper.loss.item() - trl_loss.item()) > 1e-3
@@ -246,41 +310,84 @@ def test_orpo_matches_trl_which_scores_the_prompt(tokenizer, pairs, scratch):
 # --- KTO -------------------------------------------------------------------------------------------------
 
 
-def test_kto_loss_by_hand():
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kto_loss_by_hand(dtype):
     # Two desirable rows (log-ratios 1, 3), one undesirable (-2); z0 = max(0, mean(0.5, -1.5)) = 0.
-    z0 = prefs.kto_reference_point(torch.tensor([0.5, -1.5]), torch.tensor([0.0, 0.0]))
-    assert z0.item() == 0.0  # clamped at zero
-    out = prefs.kto_loss(
-        torch.tensor([1.0, 3.0, -2.0]),
-        torch.zeros(3),
-        torch.tensor([True, True, False]),
-        z0,
-        beta=0.5,
-        desirable_weight=1.0,
-        undesirable_weight=2.0,
+    z0 = prefs.kto_reference_point(
+        torch.tensor([0.5, -1.5], dtype=dtype), torch.tensor([0.0, 0.0], dtype=dtype)
     )
-    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    expected = ((1 - sig(0.5)) + (1 - sig(1.5)) + 2 * (1 - sig(0.5 * 2.0))) / 3
-    assert out.loss.item() == pytest.approx(expected, abs=1e-7)  # a sign error on the undesirable side fails
-    assert out.metrics()["rewards/chosen"] == pytest.approx(1.0)
-    assert out.metrics()["rewards/rejected"] == pytest.approx(-1.0)
-    z0 = prefs.kto_reference_point(torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]))
-    assert z0.item() == pytest.approx(1.0)
+    assert z0.item() == 0.0  # clamped at zero
+    logps, ref_logps = torch.tensor([1.0, 3.0, -2.0], dtype=dtype), torch.zeros(3, dtype=dtype)
+    labels = torch.tensor([True, True, False])
+    weights = {"beta": 0.5, "desirable_weight": 1.0, "undesirable_weight": 2.0}
+    rel = by_hand(dtype, 8)  # a subtraction, the margin, a product, the sigmoid (about three), 1 - it, mean
+    out = prefs.kto_loss(logps, ref_logps, labels, z0, **weights)
+    expected = ((1 - _sigmoid(0.5)) + (1 - _sigmoid(1.5)) + 2 * (1 - _sigmoid(0.5 * 2.0))) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=rel)  # a sign error on the undesirable side fails
+    assert out.metrics()["rewards/chosen"] == pytest.approx(1.0, rel=rel)
+    assert out.metrics()["rewards/rejected"] == pytest.approx(-1.0, rel=rel)
+    z0 = prefs.kto_reference_point(
+        torch.tensor([2.0, 1.0], dtype=dtype), torch.tensor([0.5, 0.5], dtype=dtype)
+    )
+    assert z0.item() == pytest.approx(1.0, rel=rel)
+    # A positive reference point: desirable rows must rise above z0 = 1, undesirable ones fall below it.
+    out = prefs.kto_loss(logps, ref_logps, labels, z0, **weights)
+    expected = ((1 - _sigmoid(0.5 * 0.0)) + (1 - _sigmoid(0.5 * 2.0)) + 2 * (1 - _sigmoid(0.5 * 3.0))) / 3
+    assert out.loss.item() == pytest.approx(expected, rel=rel)
+    assert out.metrics()["kl"] == pytest.approx(1.0, rel=rel)
 
 
-def test_kto_matches_trl(tokenizer, pairs, scratch):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kto_loss_clamps_a_negative_reference_point(dtype):
+    # The paper's rule is z0 = max(0, KL estimate), and TRL clamps inside its loss: a z0 of -3 handed to the
+    # loss directly must count as 0. Unclamped, the desirable row (log-ratio 1) would look 4 nats above z0.
+    logps, ref_logps = torch.tensor([1.0, -2.0], dtype=dtype), torch.zeros(2, dtype=dtype)
+    labels = torch.tensor([True, False])
+    clamped = ((1 - _sigmoid(0.5 * 1.0)) + (1 - _sigmoid(0.5 * 2.0))) / 2
+    unclamped = ((1 - _sigmoid(0.5 * 4.0)) + (1 - _sigmoid(0.5 * -1.0))) / 2
+    assert abs(clamped - unclamped) > 0.01  # the two rules give different losses on this input
+    out = prefs.kto_loss(logps, ref_logps, labels, torch.tensor(-3.0, dtype=dtype), beta=0.5)
+    assert out.loss.item() == pytest.approx(clamped, rel=by_hand(dtype, 8))
+    assert out.metrics()["kl"] == 0.0  # logged as used, like TRL's "kl"
+    assert (
+        out.loss.item() == prefs.kto_loss(logps, ref_logps, labels, torch.tensor(0.0), beta=0.5).loss.item()
+    )
+    assert (
+        prefs.kto_loss(logps, ref_logps, labels, -3.0, beta=0.5).loss.item() == out.loss.item()
+    )  # a float too
+
+
+def _raise_likelihood(
+    model: torch.nn.Module, batch: dict, steps: int = 2, learning_rate: float = 0.01
+) -> None:
+    """A few Adam steps on the LoRA weights that raise log p of `batch`'s completions."""
+    params = [param for name, param in model.named_parameters() if "lora_" in name]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    for _ in range(steps):
+        loss = -prefs.sequence_logprobs(model, batch).total.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_kto_matches_trl_on_both_labels_unequal_weights_and_positive_z0(tokenizer, pairs, scratch):
+    # Issue 19: both branches (desirable and undesirable rows in one batch), lambda_D != lambda_U, and a
+    # reference point above zero, so that neither the clamp nor a missing z0 can hide a difference.
     records = toy_prefs.feedback_records(pairs[:6], desirable_per_undesirable=0.5)
-    trainer = _trainer("kto", tokenizer, records, scratch, kto_weights=(1.5, 1.0))
-    _perturb_lora(trainer.model, seed=1)
+    weights = {"desirable_weight": 1.5, "undesirable_weight": 1.0}
+    trainer = _trainer("kto", tokenizer, records, scratch, kto_weights=tuple(weights.values()))
+    assert (trainer.args.desirable_weight, trainer.args.undesirable_weight) == tuple(weights.values())
     rows = [trainer.train_dataset[i] for i in range(4)]
     batch = trainer.data_collator(rows)
     labels = torch.as_tensor(batch["label"], dtype=torch.bool)
     assert 0 < labels.sum() < len(labels), "the test batch needs both labels"
-    kl_batch = {
-        "input_ids": batch["KL_input_ids"],
-        "attention_mask": batch["KL_attention_mask"],
-        "completion_mask": batch["KL_completion_mask"],
-    }
+    kl_batch = {key: batch[f"KL_{key}"] for key in prefs.BATCH_KEYS}
+    # TRL's z0 is the mean log-ratio on the rotated completions: train the adapter to like them, so z0 > 0.
+    _raise_likelihood(trainer.model, kl_batch)
     trainer._metrics["eval"].clear()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, batch).item()
@@ -289,12 +396,24 @@ def test_kto_matches_trl(tokenizer, pairs, scratch):
         with trainer.model.disable_adapter():
             ref = prefs.sequence_logprobs(trainer.model, batch).total
             ref_kl = prefs.sequence_logprobs(trainer.model, kl_batch).total
-    z0 = prefs.kto_reference_point(policy_kl, ref_kl)
-    ours = prefs.kto_loss(policy, ref, labels, z0, beta=0.1, desirable_weight=1.5, undesirable_weight=1.0)
     logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
-    assert ours.loss.item() == pytest.approx(trl_loss, abs=ATOL)
+    sums = torch.cat([policy, ref, policy_kl, ref_kl])
+    # The loss is lambda (1 - sigmoid(beta (r - z0))): slope at most lambda beta / 4 in r and z0. Rewards are
+    # beta r; z0 itself is a mean of log-ratios (weight 1).
+    atol = {"loss": trl_atol(batch, sums, weight=1.5 * 0.1), "rewards": trl_atol(batch, sums, weight=0.1)}
+    atol["kl"] = trl_atol(batch, sums, weight=1.0)
+    z0 = prefs.kto_reference_point(policy_kl, ref_kl)
+    assert z0.item() > 100 * atol["kl"], "z0 must be positive (not clamped) for this test"
+    ours = prefs.kto_loss(policy, ref, labels, z0, beta=0.1, **weights)
+    assert ours.loss.item() == pytest.approx(trl_loss, abs=atol["loss"])
     for key in ("rewards/chosen", "rewards/rejected", "kl"):
-        assert ours.metrics()[key] == pytest.approx(logged[key], abs=ATOL), key
+        tolerance = atol["kl"] if key == "kl" else atol["rewards"]
+        assert ours.metrics()[key] == pytest.approx(logged[key], abs=tolerance), key
+    # Each of them matters on this batch: swapped weights, or z0 = 0, give losses TRL's does not match.
+    swapped = prefs.kto_loss(policy, ref, labels, z0, beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
+    without_z0 = prefs.kto_loss(policy, ref, labels, torch.tensor(0.0), beta=0.1, **weights)
+    for other in (swapped, without_z0):
+        assert abs(other.loss.item() - trl_loss) > 10 * atol["loss"]
 
 
 # --- trainer entry point ---------------------------------------------------------------------------------
@@ -365,6 +484,30 @@ def test_run_sizes_and_train_records_under_minimal_sizes():
     # the default size follows the profile's table: a minimal run does not ask for the cpu profile's 320
     assert prefs.train_records("dpo", minimal) == prefs.train_records("dpo", per_family=per_family)
     assert prefs.run_recipe("dpo", profile=minimal)["steps"] == prefs.RUN_SIZES["minimal"]["steps"]
+
+
+def test_kto_feedback_ratio_is_a_real_recipe_parameter(monkeypatch, tmp_path):
+    # KTO's exercise changes desirable_per_undesirable: the standard run must train on data cut that way.
+    from ftcourse import sft
+
+    class Built(Exception):
+        """Raised by the stand-in trainer once it has seen the data set."""
+
+    seen: dict[float, list[bool]] = {}
+
+    def trainer_seeing_the_data(method, model, tokenizer, dataset, **kwargs):
+        seen[ratio] = list(dataset["label"])
+        raise Built
+
+    monkeypatch.setenv(sft.CACHE_ENV, str(tmp_path))  # no cached run to return instead
+    monkeypatch.setattr(prefs, "sft_start", lambda profile=None: None)  # no model needed to see the data
+    monkeypatch.setattr(prefs, "preference_trainer", trainer_seeing_the_data)
+    for ratio in (prefs.KTO_DESIRABLE_PER_UNDESIRABLE, 1.0):
+        with pytest.raises(Built):
+            prefs.preference_run("kto", desirable_per_undesirable=ratio)
+        up, down = seen[ratio].count(True), seen[ratio].count(False)
+        assert up == round(ratio * down), (ratio, up, down)
+    assert seen[1.0].count(True) > seen[prefs.KTO_DESIRABLE_PER_UNDESIRABLE].count(True)
 
 
 def test_set_pad_token_prefers_llama3s_reserved_pad_token():

@@ -39,15 +39,15 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scale W0·x + s·B·A·x by m/‖W0 + s·B·A‖ per output feature, then add the bias."""
-        x = x.to(self.A.dtype)
+        result = self.base(x)  # (..., out): W0·x + bias, in the base layer's dtype
         scale = self.m / self.weight_norm().detach()  # (out,): gradient flows into m, not through the norm
-        direction = F.linear(x, self.W0.to(x.dtype)) + self.scaling * (
-            (x @ self.A.T) @ self.B.T
-        )  # (..., out)
-        result = scale * direction
-        if self.base.bias is not None:
-            result = result + self.base.bias
-        return result.to(self.W0.dtype)
+        base_out = result if self.base.bias is None else result - self.base.bias  # W0·x
+        lora_out = F.linear(F.linear(x.to(self.A.dtype), self.A), self.B)  # B·A·x, (..., out)
+        # Written as W0·x + (scale - 1)·W0·x + scale·s·B·A·x, peft's order of operations: on a bf16/fp16
+        # base, W0·x stays the base layer's own result and the correction is added in float32 and rounded
+        # to the base dtype once, so ours and peft's round the same numbers the same way.
+        correction = (scale - 1) * base_out + scale * lora_out * self.scaling
+        return (result + correction).to(result.dtype)
 
     def extra_repr(self) -> str:
         """Shown by print(model)."""

@@ -2,9 +2,10 @@
 
 `LoRALinear` is the layer, `inject_lora` puts it into a model in place of named linear layers,
 `merge_lora` folds the update back into plain `nn.Linear` weights, and `train_adapters` is a small
-plain-torch training loop (AdamW, warmup then cosine decay, gradient clipping: the schedule TRL's
-SFTTrainer uses) that trains whatever parameters of a model are left trainable, ours or peft's, on the
-same batches. The names follow the equation: `W0`, `A`, `B`, `alpha`, `rank`, `scaling`.
+plain-torch training loop (AdamW, warmup then cosine decay, gradient clipping: the schedule the book's
+`sft.train_sft` asks TRL's SFTTrainer for; TRL's own default is linear decay) that trains whatever
+parameters of a model are left trainable, ours or peft's, on the same batches. The names follow the
+equation: `W0`, `A`, `B`, `alpha`, `rank`, `scaling`.
 """
 
 from __future__ import annotations
@@ -105,9 +106,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """W0·x (+ bias) plus the low-rank path, computed as B·(A·x) so no (out × in) matrix is formed."""
-        result = self.base(x)  # (..., out)
-        update = (x.to(self.A.dtype) @ self.A.T) @ self.B.T  # (..., r), then (..., out)
-        return result + (self.scaling * update).to(result.dtype)
+        result = self.base(x)  # (..., out), in the base layer's dtype
+        update = F.linear(F.linear(x.to(self.A.dtype), self.A), self.B)  # (..., r), then (..., out)
+        # peft's order: on a bf16/fp16 base the sum is taken in the adapter's float32 and rounded to the
+        # base dtype once. Rounding the update to bf16 first would round twice, and a few ulps per layer
+        # add up to visible differences in the logits.
+        return (result + update * self.scaling).to(result.dtype)
 
     def extra_repr(self) -> str:
         """Shown by print(model)."""

@@ -152,8 +152,14 @@ def dpo_loss(
     return PreferenceLoss(loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
+SIMPO_GAMMA = 0.5  # TRL's CPOConfig.simpo_gamma default: one value for the loss, the trainer and the chapters
+
+
 def simpo_loss(
-    chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float = 2.0, gamma: float = 1.0
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = SIMPO_GAMMA,
 ) -> PreferenceLoss:
     """SimPO: mean of -log sigmoid(beta (c_avg - r_avg) - gamma) on per-token averages; rewards beta avg."""
     _same_shape(chosen=chosen_avg_logps, rejected=rejected_avg_logps)
@@ -209,16 +215,21 @@ def kto_loss(
     logps: torch.Tensor,
     ref_logps: torch.Tensor,
     labels: torch.Tensor,
-    z0: torch.Tensor,
+    z0: torch.Tensor | float,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> PreferenceLoss:
     """KTO on unpaired rows: desirable ones pay w_D (1 - sigmoid(beta (r - z0))), undesirable ones
-    w_U (1 - sigmoid(beta (z0 - r))), with r = log pi/pi_ref summed over the completion; mean over rows."""
+    w_U (1 - sigmoid(beta (z0 - r))), with r = log pi/pi_ref summed over the completion; mean over rows.
+
+    z0 is detached and clamped at 0 here too, whatever the caller passes: a KL estimate cannot be negative,
+    and TRL's KTOTrainer clamps inside its loss the same way.
+    """
     _same_shape(logps=logps, ref_logps=ref_logps, labels=labels)
     good = labels.bool()
     logratios = logps - ref_logps
+    z0 = torch.as_tensor(z0, dtype=logratios.dtype, device=logratios.device).detach().clamp(min=0)
     chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios[good] - z0)))
     rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios[~good])))
     loss = torch.cat([chosen_losses, rejected_losses]).mean()
@@ -234,7 +245,7 @@ NEEDS_PAIRS: dict[str, bool] = {"dpo": True, "simpo": True, "orpo": True, "kto":
 # Each method's strength (beta; ORPO's lambda is TRL's `beta` too) and SimPO's margin, as the chapters use.
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "dpo": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "simpo": {"beta": 2.0, "gamma": SIMPO_GAMMA},
     "orpo": {"beta": 0.1},
     "kto": {"beta": 0.1},
 }
@@ -528,8 +539,17 @@ class PreferenceRun:
     evaluation: dict[str, Any] = field(default_factory=dict)  # see evaluate_policy
 
 
-def train_records(method: str, profile: Profile | None = None, per_family: int | None = None) -> list[dict]:
-    """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO)."""
+def train_records(
+    method: str,
+    profile: Profile | None = None,
+    per_family: int | None = None,
+    desirable_per_undesirable: float = KTO_DESIRABLE_PER_UNDESIRABLE,
+) -> list[dict]:
+    """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO).
+
+    KTO's feedback keeps every rejected reply as a thumbs-down and `desirable_per_undesirable` thumbs-up
+    per thumbs-down (on the spark profile the hub's feedback data set is used as it is).
+    """
     from ftcourse.toy import preferences as toy_prefs
 
     profile = profile or active_profile()
@@ -541,7 +561,7 @@ def train_records(method: str, profile: Profile | None = None, per_family: int |
         return list(data.load_records(schema, "train", size=4 * per_family, profile=profile))
     pairs = toy_prefs.preference_pairs("train", per_family)
     if method == "kto":
-        return toy_prefs.feedback_records(pairs, KTO_DESIRABLE_PER_UNDESIRABLE)
+        return toy_prefs.feedback_records(pairs, desirable_per_undesirable)
     return toy_prefs.preference_records(pairs)
 
 
@@ -643,7 +663,14 @@ def preference_run(
             method,
             start,
             tokenizer,
-            Dataset.from_list(train_records(method, profile, recipe["train_per_family"])),
+            Dataset.from_list(
+                train_records(
+                    method,
+                    profile,
+                    recipe["train_per_family"],
+                    recipe.get("desirable_per_undesirable", KTO_DESIRABLE_PER_UNDESIRABLE),
+                )
+            ),
             beta=recipe["beta"],
             gamma=recipe.get("gamma"),
             kto_weights=tuple(recipe.get("kto_weights", (1, 1))),
