@@ -104,3 +104,99 @@ def test_check_fails_a_file_that_does_not_load(export_model_dir, tmp_path, capsy
 
     assert cli.check_files(export_model_dir, {"f16": bad}) is False
     assert "FAIL model-f16.gguf: does not load" in capsys.readouterr().out
+
+
+# --- ftcourse fit-check -------------------------------------------------------------------------------------
+
+
+def test_fit_check_spark_preset_states_what_it_assumes(capsys):
+    from ftcourse import memory
+
+    assert cli_main(["fit-check", "llama-3.1-70b", "--method", "qlora", "--device", "spark"]) == 0
+    out = capsys.readouterr().out
+    reserved = f"less {memory.SPARK_RESERVED_GB:g} GB reserved"
+    assert "DGX Spark 128 GB" in out and reserved in out and "usable" in out
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["fit-check"].format_help()
+    assert "assumed 8 GB taken by the OS" in " ".join(help_text.split())
+    # Another reservation moves the headroom by exactly the difference.
+    assert cli_main(["fit-check", "llama-3.1-70b", "--device", "spark", "--reserved-gb", "0"]) == 0
+    assert "less" not in capsys.readouterr().out.split("peak at")[1].split("\n")[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["llama-3.1-70b", "--method", "qlora"],
+        ["llama-3.1-8b", "--method", "lora", "--seq-len", "512"],
+        ["llama-3.1-8b", "--method", "full", "--seq-len", "512"],
+        ["llama-3.1-8b", "--method", "dora", "--no-gradient-checkpointing", "--seq-len", "512"],
+        ["llama-3.1-8b", "--method", "full", "--objective", "dpo", "--seq-len", "512"],
+        ["llama-3.1-8b", "--method", "lora", "--objective", "grpo", "--batch-size", "8", "--seq-len", "512"],
+    ],
+)
+def test_fit_check_table_is_in_plain_words_with_no_zero_rows(argv, capsys):
+    status = cli_main(["fit-check", *argv])
+    out = capsys.readouterr().out
+    assert status in (0, 1) and "verdict:" in out
+    for jargon in ("k-bit fp32 upcasts", "recomputed layer ", "  workspace "):
+        assert jargon not in out
+    assert not [line for line in out.splitlines() if line.rstrip().endswith(" 0.00 GiB")]
+    assert "precision:" in out
+
+
+def test_fit_check_table_names_the_qlora_casts_recompute_and_workspace(capsys):
+    assert cli_main(["fit-check", "llama-3.1-70b", "--method", "qlora", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "embeddings, norms, lm_head made fp32 by QLoRA's preparation" in out
+    assert "one layer's activations, recomputed during backward" in out
+    assert "cuBLAS scratch space (workspace)" in out
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "meta-llama/Llama-3.1-8B",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.1-70B",
+        "meta-llama/Llama-3.1-70B-Instruct",
+        "meta-llama/Llama-3.2-1B",
+        "meta-llama/Llama-3.2-3B-Instruct",
+    ],
+)
+def test_fit_check_knows_the_books_hub_names_offline(name, no_network, capsys):
+    assert cli_main(["fit-check", name, "--method", "qlora", "--seq-len", "512"]) == 0
+    assert "verdict: fits" in capsys.readouterr().out
+    assert no_network == []
+
+
+def test_fit_check_unknown_name_points_at_the_config_option(capsys):
+    assert cli_main(["fit-check", "org/some-other-model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'org/some-other-model'" in err and "--config FOLDER" in err
+    assert cli_main(["fit-check"]) == 2
+    assert "--config FOLDER" in capsys.readouterr().err
+
+
+def test_fit_check_reads_a_config_folder(tmp_path, capsys):
+    import json
+
+    config = {
+        "_name_or_path": "my-small-llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 1000,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert cli_main(["fit-check", "--config", str(tmp_path), "--method", "lora", "--seq-len", "128"]) == 0
+    assert "my-small-llama, lora" in capsys.readouterr().out
+    assert cli_main(["fit-check", "--config", str(tmp_path / "missing")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "simpo", "orpo", "kto", "reward", "grpo"])
+def test_fit_check_runs_every_objective(objective, capsys):
+    assert cli_main(["fit-check", "llama-3.1-8b", "--method", "lora", "--objective", objective]) == 0
+    out = capsys.readouterr().out
+    assert ("lora, " + objective) in out if objective != "sft" else "llama-3.1-8b, lora:" in out

@@ -1,4 +1,6 @@
-"""Command line: `ftcourse export MODEL_DIR OUT_DIR [--base BASE] [--quant Q ...] [--ollama-name NAME]`.
+"""Command line: `ftcourse export MODEL_DIR OUT_DIR [--base BASE] [--quant Q ...] [--ollama-name NAME]` and
+`ftcourse fit-check MODEL [--method M] [--objective O] [--device spark] [--config FOLDER] ...` (its arguments
+live beside the estimator, in `ftcourse.memory.add_fit_check_arguments`).
 
 Each sub-command is a function in SUBCOMMANDS that adds its parser and sets `run`, the function that
 executes it and returns the exit status. A new sub-command is one more function in that list.
