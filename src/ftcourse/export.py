@@ -1,6 +1,7 @@
 """Deployment pipeline: adapter -> merged Hugging Face folder -> GGUF files -> Modelfile -> Ollama.
 
-    check everything -> merge.save_merged -> gguf.write_gguf (f16, q8_0) -> llamacpp.quantize_gguf
+    check everything -> merge.merge_into_folder (an adapter folder: shard by shard) or merge.save_merged
+    (a model in memory) -> gguf.write_gguf (f16, q8_0) -> llamacpp.quantize_gguf
     (Q4_K_M) -> ollama.write_modelfile -> manifest -> the folder replaces OUT_DIR as a whole
 
 Each step lives in its own module (`merge`, `gguf`, `llamacpp`, `ollama`); this one only runs them in
@@ -118,8 +119,9 @@ def _prepare_hf_dir(
         path = Path(model_or_dir).expanduser()
         if not merge.is_adapter_dir(path):
             return path, notes  # checked by _check_source; written as GGUF directly
-        loaded = merge.load_adapter(path, base_model_dir)
-        model, tokenizer, notes = loaded.model, loaded.tokenizer, loaded.notes
+        # shard by shard in the base's dtype (peak: a few shards, so a 70B fits in 128 GB); adapters
+        # the streaming merge refuses (DoRA, embeddings) are merged in memory, with a note
+        return merge.merge_into_folder(path, stage / "hf", base_model_dir)
     return merge.save_merged(model, tokenizer, stage / "hf"), notes
 
 
