@@ -95,6 +95,19 @@ def test_train_qlora_runs_the_4bit_recipe_offline(tokenizer, tiny_dataset, no_ne
     assert no_network == []
 
 
+def test_the_4bit_base_computes_in_the_profile_dtype():
+    cpu, spark = profiles.PROFILES["cpu"], profiles.PROFILES["spark"]
+    assert (qlora.compute_dtype(cpu), qlora.compute_dtype(spark)) == ("float32", "bfloat16")
+    model = qlora.load_in("4bit", cpu)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and {m.compute_dtype for m in layers} == {torch.float32}  # the LoRA baseline's dtype
+
+
+def test_compute_dtype_seconds_times_both_dtypes():
+    seconds = qlora.compute_dtype_seconds(features=64, tokens=8, repeats=1)
+    assert set(seconds) == {"bfloat16", "float32"} and all(s > 0 for s in seconds.values())
+
+
 def test_device_switch_puts_the_embedded_model_on_cuda_in_bf16():
     switched = profiles.active_profile({"FTCOURSE_PROFILE": "cpu", "FTCOURSE_DEVICE": "cuda"})
     assert (switched.name, switched.device, switched.dtype) == ("cpu", "cuda", "bfloat16")

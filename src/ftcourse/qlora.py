@@ -1,9 +1,9 @@
 """QLoRA: LoRA on a base model stored in 4-bit NF4, the recipe that trains a 70B model on one 128 GB desk.
 
 The recipe, step by step (Dettmers et al. 2023): load the base in 4 bit with bitsandbytes (NF4, double
-quantization, bf16 compute) through `ftcourse.quant.load_4bit`, which guards bitsandbytes' CPU bugs;
-`prepare_model_for_kbit_training` (fp32 norms and embeddings, input gradients for checkpointing); LoRA
-adapters on every linear; a paged 8-bit AdamW. Before any of it, `require_fit` asks
+quantization, bf16 compute on a GPU; see `compute_dtype`) through `ftcourse.quant.load_4bit`, which guards
+bitsandbytes' CPU bugs; `prepare_model_for_kbit_training` (fp32 norms and embeddings, input gradients for
+checkpointing); LoRA adapters on every linear; a paged 8-bit AdamW. Before any of it, `require_fit` asks
 `ftcourse.memory.fit_check` whether the run fits and refuses, with the numbers, one that does not.
 """
 
@@ -83,6 +83,41 @@ def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
     return dict(profiles.run_sizes(RUN_SIZES, profile or active_profile()))
 
 
+def compute_dtype(profile: Profile | None = None) -> str:
+    """The dtype a 4-bit layer dequantizes to and multiplies in: the profile's (bf16 on a GPU, fp32 on cpu).
+
+    The QLoRA recipe computes in bf16, which GPUs and the Spark's GB10 multiply natively. The cpu profile
+    computes in float32, the dtype of its LoRA baseline, so that QLoRA and LoRA differ in how the base is
+    stored and nothing else; and a CPU without bf16 matrix instructions (an AVX2-only x86) multiplies bf16
+    through a slow fallback, which made the cpu profile's 4-bit run many times slower than its LoRA run.
+    """
+    return (profile or active_profile()).dtype
+
+
+def compute_dtype_seconds(features: int = 512, tokens: int = 512, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one forward and backward of a square NF4 Linear4bit here, in bf16 and in fp32."""
+    import statistics
+    import time
+
+    import bitsandbytes as bnb
+
+    seconds: dict[str, float] = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        generator = torch.Generator().manual_seed(0)
+        layer = bnb.nn.Linear4bit(features, features, bias=False, compute_dtype=dtype, quant_type="nf4")
+        layer = layer.to("cpu")  # quantizes the weight
+        layer.support_avx512bf16_for_cpu = False  # the guard quant.load_4bit sets
+        inputs = torch.randn(tokens, features, generator=generator).to(dtype)
+        times = []
+        for _ in range(repeats + 1):  # the first call is a warm-up
+            start = time.perf_counter()
+            x = inputs.clone().requires_grad_(True)
+            layer(x).float().square().mean().backward()
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times[1:])
+    return seconds
+
+
 def device_memory_gb(profile: Profile | None = None) -> float:
     """Memory the profile's device has, in decimal GB: the GPU's on cuda, the machine's RAM on cpu."""
     profile = profile or active_profile()
@@ -127,7 +162,7 @@ def load_qlora_model(
     """The profile's model for `role` in 4-bit NF4, prepared for k-bit training; refuses one that cannot fit.
 
     The fit-check runs on the model's config before a single weight is read, so a 70B run that cannot fit
-    fails in a second, not after loading 40 GB.
+    fails in a second, not after reading the whole checkpoint. The base computes in `compute_dtype(profile)`.
     """
     from peft import prepare_model_for_kbit_training
     from transformers import AutoConfig
@@ -147,7 +182,7 @@ def load_qlora_model(
     )
     model = quant.load_4bit(
         path,
-        compute_dtype="bfloat16",
+        compute_dtype=compute_dtype(profile),
         device_map="cpu" if profile.device == "cpu" else "auto",
         local_files_only=not profile.uses_network,
     )
@@ -271,7 +306,7 @@ def load_in(precision: str, profile: Profile | None = None, role: str = "lora") 
     if precision == "4bit":
         return quant.load_4bit(
             path,
-            compute_dtype="bfloat16",
+            compute_dtype=compute_dtype(profile),
             device_map="cpu" if profile.device == "cpu" else "auto",
             local_files_only=not profile.uses_network,
         )

@@ -2,7 +2,8 @@
 
 Every function here is written to be read next to the equations of the quantization chapter, and the
 4-bit ones are tested to give the same bytes as bitsandbytes (`tests/test_quant.py`). The last part
-loads a model in 4 bit through bitsandbytes on a CPU with the guards that bitsandbytes 0.50 needs there.
+loads a model in 4 bit through bitsandbytes on a CPU, guarded against two bugs of bitsandbytes 0.50's CPU
+kernels that appear on some CPUs and not on others, and measures on the running CPU whether they appear.
 """
 
 from __future__ import annotations
@@ -88,14 +89,21 @@ def blockwise_roundtrip(x: torch.Tensor, blocksize: int, method: str = "absmax")
 # --- 4-bit codebooks ---------------------------------------------------------------------------------
 
 
-def nf4_code() -> torch.Tensor:
-    """The 16 NF4 values: normal quantiles, 8 positive, 7 negative and an exact zero, scaled to [-1, 1]."""
+def nf4_quantiles() -> torch.Tensor:
+    """The 16 NF4 points before scaling, float64, sorted: 7 negative normal quantiles, 0, 8 positive ones."""
     # Quantile points spaced evenly in probability between NF4_OFFSET and 1/2 (fp32, as the reference does);
     # the two halves have different numbers of points so that 0 is a code and the type is asymmetric.
     positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())
     negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())
-    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
-    return (values / values.max()).float()
+    return torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 values: normal quantiles, 8 positive, 7 negative and an exact zero, scaled to [-1, 1]."""
+    # The reference rounds the quantiles to fp32 first and divides in fp32 (its `torch.Tensor(v)`): dividing
+    # in float64 and rounding once would move the last bit of several values, and with them the midpoints.
+    values = nf4_quantiles().float()
+    return values / values.max()
 
 
 def fp4_code() -> torch.Tensor:
@@ -122,13 +130,17 @@ def quantize_4bit(
     code = code_for(quant_type)
     flat = x.reshape(-1).float()
     n = flat.numel()
-    pad = (-n) % blocksize
-    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize)
-    absmax = flat[: n - n % blocksize].reshape(-1, blocksize).abs().amax(dim=1)
+    whole = n - n % blocksize
+    blocks = flat[:whole].reshape(-1, blocksize)  # (blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # Whole blocks are multiplied by 1/absmax, the short last block is divided by its absmax: the two can
+    # differ in the last bit, so this follows bitsandbytes exactly, to give the same code on a midpoint.
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)
     if n % blocksize:  # the last, short block has its own absmax over its real values only
-        absmax = torch.cat([absmax, flat[n - n % blocksize :].abs().amax().reshape(1)])
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
-    # Nearest code; a value exactly halfway between two codes takes the lower one.
+        last_absmax = flat[whole:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last_absmax.reshape(1)])
+        scaled = torch.cat([scaled, (flat[whole:] / last_absmax).clamp(-1, 1)])
+    # Nearest code; a value exactly halfway between two codes (fp32 midpoint) takes the lower one.
     order = torch.argsort(code)
     sorted_code = code[order]
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
@@ -149,7 +161,7 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     """Values of `shape` from packed 4-bit codes and per-block absmax: code[index] · absmax[block], fp32.
 
-    `code` defaults to our derived codebook; pass bitsandbytes' stored table to reproduce its bits.
+    `code` defaults to our derived codebook (for NF4 and FP4 the same fp32 values as bitsandbytes' table).
     """
     flat = packed.reshape(-1)
     index = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
@@ -199,7 +211,7 @@ def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, blocksiz
     return 4 + 32 / blocksize
 
 
-# --- bitsandbytes on the CPU, with its two 0.50 bugs guarded ------------------------------------------
+# --- bitsandbytes on the CPU: two bugs that depend on the CPU, measured and guarded -------------------
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -224,7 +236,7 @@ def safe_dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.Tensor
 
     shape = tuple(quant_state.shape)
     if packed.device.type == "cpu" and shape[-1] % quant_state.blocksize != 0:
-        # bitsandbytes 0.50 CPU kernel walks blocks per row: wrong values here (see STACK notes). Use ours.
+        # bitsandbytes 0.50's CPU kernel walks blocks per row on some CPUs: wrong values there. Use ours.
         absmax = quant_state.absmax
         if quant_state.nested:
             absmax = F.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
@@ -235,6 +247,43 @@ def safe_dequantize_4bit(packed: torch.Tensor, quant_state: Any) -> torch.Tensor
     return F.dequantize_4bit(packed, quant_state)
 
 
+def kernel_error(reference: torch.Tensor, result: torch.Tensor) -> float:
+    """Largest |result - reference|, in units of the reference's largest magnitude (0.0: identical)."""
+    scale = reference.float().abs().max().clamp(min=torch.finfo(torch.float32).tiny)
+    return float((result.float() - reference.float()).abs().max() / scale)
+
+
+def kernel_is_right(error: float, terms: int = 1) -> bool:
+    """Whether a relative `kernel_error` is within fp32 rounding of `terms` operations (a few eps each)."""
+    return error <= 4 * terms * torch.finfo(torch.float32).eps
+
+
+def avx512bf16_repack_error(seed: int = 0) -> float | None:
+    """bitsandbytes' dequantize_4bit error after a Linear4bit's eval-mode AVX512-BF16 repack, on this CPU.
+
+    Relative to the weight's largest magnitude (see `kernel_error`). None where bitsandbytes says the CPU
+    has no AVX512-BF16: it never takes that path there, and the guard in `guard_linear4bit` costs nothing.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    if not F.has_avx512bf16():
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(64, 128, generator=generator), requires_grad=False, quant_type="nf4"
+    )
+    layer = layer.to("cpu")  # quantizes the weight
+    before = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    layer.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on such a CPU (the guard turns it off)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 128, generator=generator))  # the first eval-mode call repacks in place
+    after = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return kernel_error(before, after)
+
+
 def guard_linear4bit(model: torch.nn.Module) -> int:
     """Make every Linear4bit of `model` safe on a CPU; returns their number. Raises for an unsafe shape."""
     import bitsandbytes as bnb
@@ -242,14 +291,15 @@ def guard_linear4bit(model: torch.nn.Module) -> int:
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            # bitsandbytes 0.50 repacks the weight in place in eval mode on AVX512-BF16 CPUs and then
-            # dequantizes it wrongly; turning the path off costs nothing on a CPU without it.
+            # bitsandbytes 0.50 repacks the weight in place in eval mode on AVX512-BF16 CPUs, and its
+            # dequantize_4bit is then wrong (avx512bf16_repack_error); off, it costs nothing without one.
             module.support_avx512bf16_for_cpu = False
             blocksize = module.weight.quant_state.blocksize if module.weight.quant_state is not None else 64
             if module.weight.device.type == "cpu" and module.in_features % blocksize != 0:
                 raise ValueError(
                     f"{name}: in_features={module.in_features} is not a multiple of the 4-bit block size "
-                    f"{blocksize}; bitsandbytes 0.50 computes wrong outputs for such a Linear4bit on a CPU. "
+                    f"{blocksize}; bitsandbytes 0.50 computes wrong outputs for such a Linear4bit on some "
+                    "CPUs (the quantization chapter measures the one it runs on). "
                     "Keep this layer out of quantization (llm_int8_skip_modules) or run on a GPU."
                 )
             count += 1
