@@ -23,12 +23,15 @@ import ftcourse_book  # noqa: E402  (lives in book/_ext, not in the package)
 BIB = REPO / "references.bib"
 # A citation in MyST ({cite}`a`, {cite:p}`a,b`, {cite:t}`a`, ...) or in reST (:cite:p:`a`).
 CITE_ROLE = re.compile(r"(?:\{cite(?::\w+)?\}|:cite(?::\w+)?:)`([^`]+)`")
-# Works that have neither a DOI nor an arXiv id, each with the reason; they must carry a `url` instead.
+# Papers that have neither a DOI nor an arXiv id, each with the reason; they must carry a `url` instead.
+# (Software, documentation and announcements are @misc entries with a url, a year and a note.)
 NO_IDENTIFIER = {
     "radford2019gpt2": "the GPT-2 report was published by OpenAI only, with no DOI and no arXiv id",
 }
 ARXIV_ID = re.compile(r"^\d{4}\.\d{4,5}(v\d+)?$|^[a-z-]+(\.[A-Z]{2})?/\d{7}$")
 DOI = re.compile(r"^10\.\d{4,9}/\S+$")
+# The first link inside a howpublished field: \url{https://...}
+WEB_URL = re.compile(r"\\url\{(https://[^}]+)\}")
 
 
 def _config() -> dict:
@@ -205,6 +208,13 @@ def test_every_entry_has_a_doi_or_an_arxiv_id(bibliography):
         if key in NO_IDENTIFIER:
             assert not (doi or eprint), f"{key} now has an identifier: remove it from NO_IDENTIFIER"
             assert fields.get("url", "").startswith("https://"), f"{key} ({NO_IDENTIFIER[key]}) needs a url"
+        elif entry.type.lower() == "misc" and not (doi or eprint):
+            # software, documentation, announcements: where it is, and which version or date it holds for
+            link = fields.get("url", "") or " ".join(WEB_URL.findall(fields.get("howpublished", "")))
+            assert link.startswith("https://"), f"{key}: a @misc source needs an https url or howpublished"
+            assert fields.get("year") and fields.get("note"), (
+                f"{key}: a @misc source needs a year and a note naming the version, page or section cited"
+            )
         elif not (doi or eprint):
             lacking.append(key)
     assert not lacking, f"entries with neither `doi` nor `eprint` (arXiv id) in references.bib: {lacking}"

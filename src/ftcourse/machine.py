@@ -1,14 +1,16 @@
 """Which CPU runs the book, and how fast it is: a fixed reference workload that chapter budgets scale by.
 
-Machines of the same kind differ in CPU model. On a 2-core AMD EPYC with AVX2 only, bitsandbytes' 4-bit path
-is about an order of magnitude slower than on a CPU with AVX512, and torch's float32 and bfloat16 kernels
-differ too. A chapter's time limit therefore cannot be a fixed number of seconds. `reference_workload` times
-the three kinds of work the chapters do (float32 matmuls, bfloat16 matmuls, a bitsandbytes 4-bit linear
-forward and backward); `speed_factor` divides its time by the time the same workload took on the machine the
-90-second chapter budget was designed on, so `budget * speed_factor` is that budget in this machine's seconds.
+Machines of the same kind differ in CPU model. On a 2-core AMD EPYC with AVX2 only, torch has no fast
+bfloat16 matmul (no AVX512-BF16), so anything computed in bfloat16 (a 4-bit base computing in bfloat16, the
+spark stand-ins) is an order of magnitude slower than on a CPU with AVX512, and float32 kernels differ too.
+A chapter's time limit therefore cannot be a fixed number of seconds. `reference_workload` times the three
+kinds of work the chapters do (float32 matmuls, bfloat16 matmuls, a bitsandbytes 4-bit linear forward and
+backward computing in float32, as the cpu profile's QLoRA does); `speed_factor` divides its time by the time
+the same workload took on the machine the 90-second chapter budget was designed on, so `budget *
+speed_factor` is that budget in this machine's seconds.
 
-`python -m ftcourse.machine` prints the measurement as JSON (the test run calls it in a fresh process, so
-the timing sees the same torch threads a chapter kernel gets).
+`python -m ftcourse.machine` prints the measurement as JSON (the test run calls it in a fresh process,
+before the first chapter; the workload runs on one thread, so another process does not skew it).
 """
 
 from __future__ import annotations
@@ -36,16 +38,16 @@ KERNEL_FLAGS = (
 )
 
 # Seconds each part of `reference_workload` took on the design machine, where the chapters' 90 s budgets
-# were set: a 2-core AMD EPYC with AVX512 (avx512_bf16, avx512_vnni), torch 2.13 CPU, bitsandbytes 0.50.2; the
-# fastest of 7 runs, and the fastest of several such measurements (2026-12-07). `speed_factor` is about 1.0
-# there. Capping its kernels at AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) measured
-# about 1.5x on float32 and 30-200x on bfloat16 and the 4-bit linear: an upper bound for an AVX2-only CPU,
-# since torch still routes bfloat16 matmuls to oneDNN, whose AVX2 path has no bfloat16 kernel, where a real
-# AVX2 CPU gets torch's own (faster) fallback.
-DESIGN_SECONDS = {"float32 matmul": 0.040, "bfloat16 matmul": 0.0017, "4-bit linear fwd+bwd": 0.0084}
+# were set: a 2-core AMD EPYC with AVX512 (avx512_bf16, avx512_vnni), torch 2.13 CPU, bitsandbytes 0.50.2, one
+# thread; the fastest of 7 runs, steady across several such measurements (2026-12-07). `speed_factor` is about
+# 1.0 there. Capping its kernels at AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) left float32 and
+# the float32 4-bit linear unchanged and made the bfloat16 part 60-75x slower: oneDNN's AVX2 path has no
+# bfloat16 kernel. (That cap is an upper bound for a real AVX2-only CPU, where torch uses its own fallback.)
+DESIGN_SECONDS = {"float32 matmul": 0.064, "bfloat16 matmul": 0.0029, "4-bit linear fwd+bwd": 0.0066}
 DESIGN_CPU = "AMD EPYC, 2 cores, AVX512 with avx512_bf16"
 # How much each part counts in the factor: roughly the share of the chapters' time spent in that kind of work.
-# Most chapters train and evaluate the embedded model in float32; bfloat16 and 4-bit work is a few chapters'.
+# The cpu profile trains and evaluates the embedded model in float32; bfloat16 is the spark stand-ins'
+# dtype, and 4-bit layers are a few chapters'.
 PART_WEIGHTS = {"float32 matmul": 0.8, "bfloat16 matmul": 0.1, "4-bit linear fwd+bwd": 0.1}
 
 # A measured factor outside these bounds is a broken measurement (a stalled process), not a machine.
@@ -133,11 +135,12 @@ def _linear_4bit_work(features: int, tokens: int, count: int) -> Callable[[], ob
     import torch
 
     torch.manual_seed(0)
+    # float32 compute, as ftcourse.qlora.compute_dtype gives the cpu profile (bfloat16 is the part above)
     layer = bnb.nn.Linear4bit(
-        features, features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+        features, features, bias=False, compute_dtype=torch.float32, quant_type="nf4"
     ).to("cpu")  # .to quantizes the weight
     layer.support_avx512bf16_for_cpu = False  # the guard the book sets (bitsandbytes' CPU repack bug)
-    x = torch.randn(tokens, features).to(torch.bfloat16)
+    x = torch.randn(tokens, features)
 
     def work() -> object:
         for _ in range(count):
@@ -149,7 +152,20 @@ def _linear_4bit_work(features: int, tokens: int, count: int) -> Callable[[], ob
 
 
 def reference_workload(repeats: int = 7) -> dict[str, float]:
-    """The best seconds of each part of the fixed workload on this machine (torch's default threads)."""
+    """The best seconds of each part of the fixed workload on this machine, on one thread."""
+    import torch
+
+    # One thread: a core's speed is what differs between CPU models, and a two-thread matmul is stalled by
+    # any other process that holds one of the two cores, which would make the factor measure the load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_parts(repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_parts(repeats: int) -> dict[str, float]:
     import torch
 
     parts = {
