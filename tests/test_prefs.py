@@ -465,13 +465,70 @@ def test_grpo_trainer_steps_offline(tokenizer, scratch, no_network):
         prefs.grpo_trainer(None, tokenizer, [], batch_size=6, num_generations=4, output_dir=scratch)
 
 
-def test_step_cost_in_a_forked_child(no_network):
-    cost = prefs.step_cost("simpo", steps=1, batch_size=2)
+@pytest.mark.parametrize("fresh_interpreter", [False, True], ids=["forked-from-template", "spawned"])
+def test_step_cost_in_a_fresh_process(fresh_interpreter, no_network):
+    # Never a fork of this process: a template interpreter's fork (cpu default) or a spawned interpreter
+    # (CUDA default). No `if __name__ == "__main__"` guard is needed in the caller, and on the cpu profile
+    # the result has the five host figures it always had, no CUDA reading.
+    cost = prefs.step_cost("simpo", steps=1, batch_size=2, fresh_interpreter=fresh_interpreter)
+    host = {"setup_mib", "peak_mib", "seconds_per_step", "cpu_seconds_per_step", "trainable_parameters"}
+    assert set(cost) == host
     assert cost["peak_mib"] >= cost["setup_mib"] > 0
     assert cost["cpu_seconds_per_step"] > 0 and cost["trainable_parameters"] > 0
     assert no_network == []
+
+
+def test_step_cost_refuses_and_reports_errors():
+    from dataclasses import replace
+
     with pytest.raises(ValueError, match="method must be one of"):
         prefs.step_cost("ppo")
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        prefs.step_cost("dpo", threads=0)
+    # A profile the child cannot use fails there; the caller gets the child's error as text, not a hang,
+    # and the template interpreter survives its child's failure.
+    missing = "/nonexistent/model"
+    broken = replace(profiles.PROFILES["cpu"], models={"lora": missing, "qlora": missing})
+    with pytest.raises(RuntimeError, match=r"measuring dpo \(LoRA\) failed: \w+"):
+        prefs.step_cost("dpo", steps=1, batch_size=2, profile=broken)
+    assert prefs.step_cost("orpo", steps=1, batch_size=2)["peak_mib"] > 0
+
+
+def test_step_cost_sees_the_reference_copy_of_full_dpo():
+    # Full fine-tuning: DPO's set-up holds a frozen copy of the model as its reference, SimPO's does not.
+    # The copy is the model's float32 weights (20 MiB for the toy model); the set-up figures of two
+    # processes otherwise differ by a few MiB (library state), so half the copy is the robust bound.
+    weights_mib = sum(p.numel() * p.element_size() for p in profiles.load_base().parameters()) / 2**20
+    dpo = prefs.step_cost("dpo", full=True, steps=1, batch_size=2)
+    simpo = prefs.step_cost("simpo", full=True, steps=1, batch_size=2)
+    assert dpo["trainable_parameters"] == simpo["trainable_parameters"]  # both train every weight
+    assert dpo["setup_mib"] - simpo["setup_mib"] > 0.5 * weights_mib, (dpo, simpo, weights_mib)
+    assert dpo["peak_mib"] >= dpo["setup_mib"] and simpo["peak_mib"] >= simpo["setup_mib"]
+
+
+def test_step_cost_spawns_under_the_spark_standins(monkeypatch):
+    # The spark path in CI: the stand-in profile reaches the child through the environment and the request.
+    from ftcourse.toy import standin
+
+    for key, value in standin.standin_environment().items():
+        monkeypatch.setenv(key, value)
+    profile = profiles.active_profile()
+    assert profile.name == "spark" and profile.minimal
+    # The spawned interpreter, the path a CUDA profile takes, here on the stand-in's CPU device.
+    cost = prefs.step_cost("kto", steps=1, batch_size=2, profile=profile, fresh_interpreter=True)
+    assert cost["peak_mib"] >= cost["setup_mib"] > 0 and cost["trainable_parameters"] > 0
+    assert "cuda_peak_mib" not in cost  # FTCOURSE_DEVICE=cpu in the stand-in environment
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA memory reading needs one")
+def test_step_cost_reads_cuda_memory_on_a_cuda_profile():
+    from dataclasses import replace
+
+    cuda = replace(profiles.PROFILES["cpu"], device="cuda", dtype="bfloat16")
+    torch.cuda.init()  # CUDA set up in the caller, as by a chapter's earlier cells: the child must not care
+    cost = prefs.step_cost("dpo", steps=1, batch_size=2, profile=cuda)
+    assert cost["cuda_peak_mib"] >= cost["cuda_setup_mib"] > 0, cost
+    assert cost["peak_mib"] > 0  # host memory beside it
 
 
 def test_run_sizes_and_train_records_under_minimal_sizes():
@@ -542,3 +599,75 @@ def test_simpo_trains_on_the_llama3_standin_which_has_no_pad_token(scratch):
     ours, theirs = compared["loss"]
     # TRL's CPO keeps the log-probabilities in the model's bf16 (8 mantissa bits), ours are float32.
     assert math.isfinite(ours) and ours == pytest.approx(theirs, abs=0.1)
+
+
+# --- KTO's weights from the label ratio --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_desirable", "n_undesirable", "ratio", "expected"),
+    [
+        (5, 5, 1.0, (1.0, 1.0)),  # 1:1 data: no up-weighting, lambda_D n_D / (lambda_U n_U) = 5/5 = 1
+        (2, 8, 1.0, (4.0, 1.0)),  # 1:4 data: lambda_D = 8/2 = 4, the old hard-coded pair
+        (2, 8, 4 / 3, (16 / 3, 1.0)),  # the top of the range: lambda_D = (4/3) * 4
+        (8, 2, 1.0, (1.0, 4.0)),  # more thumbs-up than down: the undesirable side is weighted up instead
+        (3, 7, 1.0, (7 / 3, 1.0)),
+    ],
+)
+def test_kto_weights_by_hand(n_desirable, n_undesirable, ratio, expected):
+    labels = [True] * n_desirable + [False] * n_undesirable
+    weights = prefs.kto_weights(labels, ratio=ratio)
+    assert weights == pytest.approx(expected, rel=by_hand(torch.float64, 2))
+    assert prefs.kto_weight_ratio(weights, labels) == pytest.approx(ratio, rel=by_hand(torch.float64, 4))
+    assert prefs.kto_weights_in_range(weights, labels)
+    assert min(weights) == 1.0  # the commoner label keeps weight 1
+
+
+def test_kto_weights_outside_the_range_and_one_label_data():
+    labels = [True] * 2 + [False] * 8
+    assert not prefs.kto_weights_in_range((1.0, 1.0), labels)  # 2 / 8 = 0.25 < 1
+    assert not prefs.kto_weights_in_range((6.0, 1.0), labels)  # 12 / 8 = 1.5 > 4/3
+    assert prefs.kto_weights_in_range((4.0, 1.0), labels) and prefs.kto_weights_in_range(
+        (16 / 3, 1.0), labels
+    )
+    with pytest.raises(ValueError, match="paper's range"):
+        prefs.kto_weights(labels, ratio=1.5)
+    with pytest.raises(ValueError, match="needs both labels"):
+        prefs.kto_weights([True, True])
+
+
+def test_kto_weights_silence_trls_range_warning(tokenizer, pairs, scratch, caplog):
+    # TRL's KTOTrainer checks the same rule on the data it is given and warns outside it: computed weights
+    # pass, the unweighted (1, 1) on 1:4 data does not.
+    records = toy_prefs.feedback_records(pairs[:8], desirable_per_undesirable=0.25)
+    labels = [r["label"] for r in records]
+    assert prefs.kto_label_counts(labels) == (2, 8)
+    for weights, warns in ((prefs.kto_weights(labels), False), ((1.0, 1.0), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="trl"):
+            _trainer("kto", tokenizer, records, scratch, kto_weights=weights)
+        assert any("ideal range" in r.getMessage() for r in caplog.records) == warns, weights
+
+
+def test_kto_recipe_weights_follow_the_data():
+    # cpu: one thumbs-up per four thumbs-down gives (4, 1); balanced feedback (1, 1); explicit weights stay.
+    assert prefs.run_recipe("kto")["kto_weights"] == [4.0, 1.0]
+    assert prefs.run_recipe("kto", desirable_per_undesirable=1.0)["kto_weights"] == [1.0, 1.0]
+    assert prefs.run_recipe("kto", kto_weights=[2.0, 1.0])["kto_weights"] == [2.0, 1.0]
+    labels = [r["label"] for r in prefs.train_records("kto")]
+    assert prefs.run_recipe("kto")["kto_weights"] == list(prefs.kto_weights(labels))
+    assert "kto_weights" not in prefs.run_recipe("dpo")
+
+
+def test_kto_recipe_weights_on_the_spark_standin(monkeypatch):
+    # kto-mix-14k (and its stand-in) is paired data split 50/50: the weights come out (1, 1), in range.
+    from ftcourse.toy import standin
+
+    for key, value in standin.standin_environment().items():
+        monkeypatch.setenv(key, value)
+    profile = profiles.active_profile()
+    labels = [r["label"] for r in prefs.train_records("kto", profile)]
+    n_desirable, n_undesirable = prefs.kto_label_counts(labels)
+    assert n_desirable == n_undesirable > 0
+    weights = prefs.run_recipe("kto", profile=profile)["kto_weights"]
+    assert weights == [1.0, 1.0] and prefs.kto_weights_in_range(weights, labels)

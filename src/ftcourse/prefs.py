@@ -8,11 +8,13 @@ These functions exist to be read and tested against TRL; `preference_trainer` tr
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ftcourse.memory import peak_rss_mib, rss_mib
+from ftcourse.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from ftcourse.profiles import Profile, active_profile, stay_offline
 from ftcourse.sft import lora_config, save_cached_adapter
 
@@ -523,7 +525,45 @@ def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
 
 
 KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # one thumbs-up per four thumbs-down
-KTO_WEIGHTS = (4.0, 1.0)  # lambda_D, lambda_U: lambda_D n_D / (lambda_U n_U) = 1, inside the paper's [1, 4/3]
+# KTO's paper recommends weights with lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable and n_U
+# undesirable rows (Ethayarajh et al. 2024; TRL's KTOTrainer warns outside it, citing the paper's Eq. 8).
+KTO_WEIGHT_RANGE = (1.0, 4 / 3)
+
+
+def kto_label_counts(labels: Sequence[Any]) -> tuple[int, int]:
+    """(n_D, n_U): how many rows are desirable (label true) and undesirable."""
+    n_desirable = sum(bool(label) for label in labels)
+    return n_desirable, len(labels) - n_desirable
+
+
+def kto_weights(labels: Sequence[Any], ratio: float = 1.0) -> tuple[float, float]:
+    """(lambda_D, lambda_U) from the data's labels, so that lambda_D n_D / (lambda_U n_U) = `ratio`.
+
+    The rarer label is weighted up and the commoner one keeps weight 1: one thumbs-up per four
+    thumbs-down gives (4, 1) at ratio 1, balanced data (1, 1). `ratio` must lie in `KTO_WEIGHT_RANGE`.
+    """
+    low, high = KTO_WEIGHT_RANGE
+    if not low <= ratio <= high:
+        raise ValueError(f"ratio must lie in the paper's range [{low}, {high:.4g}], got {ratio}")
+    n_desirable, n_undesirable = kto_label_counts(labels)
+    if not n_desirable or not n_undesirable:
+        raise ValueError(f"KTO needs both labels: {n_desirable} desirable, {n_undesirable} undesirable rows")
+    if n_desirable <= n_undesirable:
+        return ratio * n_undesirable / n_desirable, 1.0
+    return 1.0, n_desirable / (ratio * n_undesirable)
+
+
+def kto_weight_ratio(weights: Sequence[float], labels: Sequence[Any]) -> float:
+    """lambda_D n_D / (lambda_U n_U) for `weights` = (lambda_D, lambda_U) on rows with these labels."""
+    n_desirable, n_undesirable = kto_label_counts(labels)
+    return weights[0] * n_desirable / (weights[1] * n_undesirable)
+
+
+def kto_weights_in_range(weights: Sequence[float], labels: Sequence[Any]) -> bool:
+    """Whether lambda_D n_D / (lambda_U n_U) lies in the paper's range (to float64 rounding at the ends)."""
+    low, high = KTO_WEIGHT_RANGE
+    slack = 8 * sys.float_info.epsilon  # a few roundings in the weights and the ratio
+    return low * (1 - slack) <= kto_weight_ratio(weights, labels) <= high * (1 + slack)
 
 
 @dataclass
@@ -602,14 +642,17 @@ def run_recipe(
     profile = profile or active_profile()
     recipe = {"method": method, "seed": seed, **run_sizes(profile), **METHOD_DEFAULTS[method]}
     if method == "kto":
-        recipe |= {
-            "kto_weights": list(KTO_WEIGHTS),
-            "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE,
-        }
+        recipe |= {"kto_weights": None, "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE}
     unknown = [k for k in overrides if k not in recipe and k != "peft"]
     if unknown:
         raise ValueError(f"unknown recipe keys {unknown}; a {method} run has {sorted(recipe)}")
-    return {**recipe, "peft": "lora", **overrides}
+    recipe = {**recipe, "peft": "lora", **overrides}
+    if method == "kto" and recipe["kto_weights"] is None:  # from the label ratio of the data it trains on
+        records = train_records(
+            method, profile, recipe["train_per_family"], recipe["desirable_per_undesirable"]
+        )
+        recipe["kto_weights"] = list(kto_weights([r["label"] for r in records]))
+    return recipe
 
 
 def _run_dir(recipe: dict[str, Any], profile: Profile) -> Path:
@@ -673,7 +716,7 @@ def preference_run(
             ),
             beta=recipe["beta"],
             gamma=recipe.get("gamma"),
-            kto_weights=tuple(recipe.get("kto_weights", (1, 1))),
+            kto_weights=tuple(recipe.get("kto_weights") or (1, 1)),
             learning_rate=recipe["learning_rate"],
             steps=recipe["steps"],
             batch_size=recipe["batch_size"],
@@ -776,10 +819,25 @@ def trl_comparison(
 # Cost of a training step, measured in a fresh process.
 
 
+def _cuda_in_use(profile: Profile) -> bool:
+    """Whether `profile` places models on a CUDA device that this process can see."""
+    return profile.device == "cuda" and torch.cuda.is_available()
+
+
+def _cuda_allocated_mib(peak: bool = False) -> float:
+    """CUDA memory this process's tensors hold now (or at the peak since the last reset), in MiB."""
+    held = torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+    return held / 2**20
+
+
 def _one_step_cost(
     method: str, full: bool, steps: int, batch_size: int, profile: Profile
 ) -> dict[str, float]:
-    """In the current process: build the trainer for `method` and time `steps` steps (LoRA or full)."""
+    """In the current process: build the trainer for `method` and time `steps` steps (LoRA or full).
+
+    Host memory is the resident set above its size at the start (peak counter reset there); on CUDA the
+    memory PyTorch's allocator hands out is reported beside it, above its start, peak counter reset too.
+    """
     import copy
 
     from datasets import Dataset
@@ -791,6 +849,11 @@ def _one_step_cost(
     # (KTO) is not the reader's concern. Errors still reach the parent as exceptions.
     hf_logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)  # TRL logs through accelerate, i.e. stdlib logging
+    on_cuda = _cuda_in_use(profile)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_cuda = _cuda_allocated_mib()
+    reset_peak_rss()  # imports may have peaked above the resident set they leave: start the peak here
     start_rss = rss_mib()
     model = sft_start(profile)
     for param in model.parameters():
@@ -811,56 +874,177 @@ def _one_step_cost(
             profile=profile,
         )
         setup_rss = rss_mib()  # models (and the reference copy) loaded, trainer built
+        if on_cuda:
+            setup_cuda = _cuda_allocated_mib()
+            torch.cuda.synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.train()
+        if on_cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously: the step ends when the device is done
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {
+    cost = {
         "setup_mib": setup_rss - start_rss,
         "peak_mib": peak_rss_mib() - start_rss,
         "seconds_per_step": wall / steps,
         "cpu_seconds_per_step": cpu / steps,
         "trainable_parameters": float(trainable),
     }
+    if on_cuda:
+        cost["cuda_setup_mib"] = setup_cuda - start_cuda
+        cost["cuda_peak_mib"] = _cuda_allocated_mib(peak=True) - start_cuda
+    return cost
+
+
+def _import_training_libraries() -> None:
+    """Import what a measurement uses, so that the imports count in no measured figure."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+
+    for method in METHODS:
+        _trainer_class(method)
+
+
+def _measure(request: tuple[str, bool, int, int, Profile, int]) -> str:
+    """One measurement in this process, as the JSON line `step_cost` reads: the figures or the error."""
+    method, full, steps, batch_size, profile, threads = request
+    torch.set_num_threads(threads)
+    try:
+        _import_training_libraries()
+        result = {"ok": True, **_one_step_cost(method, full, steps, batch_size, profile)}
+    except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as text
+        result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    return json.dumps(result) + "\n"
+
+
+def _interpreter_main(reply_fd: int, template: bool) -> None:
+    """Entry point of a spawned interpreter: read pickled requests from stdin, reply one line each.
+
+    `template=False`: measure the one request in this process, then exit. `template=True`: import the
+    libraries once, then fork one child per request and measure there, until stdin closes. The template
+    never loads a model, runs an OpenMP region or touches CUDA, so its forks start clean (unlike forks of
+    a notebook kernel that has trained or used the GPU); each fork keeps the imports and nothing else.
+    """
+    import pickle
+
+    with os.fdopen(reply_fd, "w") as replies:
+        if not template:
+            replies.write(_measure(pickle.load(sys.stdin.buffer)))
+            return
+        _import_training_libraries()
+        while True:
+            try:
+                request = pickle.load(sys.stdin.buffer)
+            except EOFError:
+                return
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: measure, report, leave without running the template's cleanup
+                os.close(read_end)
+                os.write(write_end, _measure(request).encode())
+                os._exit(0)
+            os.close(write_end)
+            with os.fdopen(read_end) as pipe:
+                reply = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            if not reply:
+                code = os.waitstatus_to_exitcode(status)
+                reply = json.dumps({"ok": False, "error": f"the child died without a report ({code})"}) + "\n"
+            replies.write(reply)
+            replies.flush()
+
+
+_TEMPLATE: dict[str, Any] = {}  # the running template interpreter: process, reply pipe, environment
+
+
+def _start_interpreter(template: bool) -> tuple[Any, Any]:
+    """Spawn a Python interpreter running `_interpreter_main`: (process, reply stream)."""
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    code = "import sys; from ftcourse.prefs import _interpreter_main; _interpreter_main(int(sys.argv[1]), {})"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code.format(template), str(write_end)],
+        stdin=subprocess.PIPE,
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)  # the interpreter holds its own copy: reads end when it closes it
+    return process, os.fdopen(read_end)
+
+
+def _stop_template() -> None:
+    """Close the template interpreter's stdin (it exits) and wait for it."""
+    process = _TEMPLATE.pop("process", None)
+    if process is not None:
+        process.stdin.close()
+        _TEMPLATE.pop("replies").close()
+        try:
+            process.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a template stuck in a measurement is ended, not waited on
+            process.kill()
+
+
+def _ask(process: Any, replies: Any, request: tuple[Any, ...]) -> dict[str, Any]:
+    """Send one request to a spawned interpreter and read its reply line."""
+    import pickle
+
+    try:
+        pickle.dump(request, process.stdin)
+        process.stdin.flush()
+    except BrokenPipeError:
+        pass  # the interpreter died on start (its traceback is on stderr): the empty reply says so
+    line = replies.readline()
+    if not line:
+        return {"ok": False, "error": f"the measuring interpreter died without a report ({process.poll()})"}
+    return json.loads(line)
 
 
 def step_cost(
-    method: str, full: bool = False, steps: int = 2, batch_size: int = 8, profile: Profile | None = None
+    method: str,
+    full: bool = False,
+    steps: int = 2,
+    batch_size: int = 8,
+    profile: Profile | None = None,
+    threads: int = 1,
+    fresh_interpreter: bool | None = None,
 ) -> dict[str, float]:
-    """Memory after setup and at the peak, above the start (MiB), and time per step, in a forked child.
+    """Memory after setup and at the peak, above the start (MiB), and time per step, in a fresh process.
 
-    A process keeps memory it has freed and reuses it, so each configuration runs in its own fork of the
-    caller: the child starts with the caller's imports and nothing else, and its peak resident set
-    (VmHWM) minus its starting size is what this configuration needed. `full=True` trains every weight,
-    with a frozen copy as the reference for DPO and KTO; otherwise a LoRA adapter, reference = adapter off.
-    Call it before loading models in the caller, or the child inherits and reuses their memory.
+    A process keeps memory it has freed and reuses it, so each configuration runs in its own process,
+    never a fork of the caller (a fork cannot use CUDA once the caller has, and inherits its models and
+    OpenMP pool). `fresh_interpreter=True` spawns a new Python interpreter per call; the default does so
+    on a CUDA profile and otherwise forks each measurement from one spawned template interpreter that
+    has imported the libraries and done nothing else, so that the import bill (seconds) is paid once.
+    The process resets its peak counter after the imports: peak resident set (VmHWM) minus the size at
+    that point is what this configuration needed. On a CUDA profile `cuda_setup_mib` and `cuda_peak_mib`
+    (torch.cuda's allocator, peak after reset_peak_memory_stats) come beside the host figures. The child
+    runs `threads` CPU threads (one, as earlier builds measured). `full=True` trains every weight, with a
+    frozen copy as the reference for DPO and KTO; otherwise a LoRA adapter, reference = adapter off.
     """
     profile = profile or active_profile()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    import datasets  # noqa: F401 - imported here, once, so that no child pays for the imports
-    import peft  # noqa: F401
-
-    _trainer_class(method)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: measure, report through the pipe, leave without running the caller's cleanup
-        os.close(read_end)
-        # OpenMP's thread pool does not survive fork(): a child that enters a parallel region the parent
-        # used waits forever for threads it does not have. One thread keeps torch out of those regions.
-        torch.set_num_threads(1)
-        try:
-            result = {"ok": True, **_one_step_cost(method, full, steps, batch_size, profile)}
-        except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as text
-            result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-        os.write(write_end, json.dumps(result).encode())
-        os.close(write_end)
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        payload = pipe.read()
-    os.waitpid(pid, 0)
-    result = json.loads(payload or b'{"ok": false, "error": "the child process died without a report"}')
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if fresh_interpreter is None:
+        fresh_interpreter = profile.device == "cuda"
+    request = (method, full, steps, batch_size, profile, threads)
+    if fresh_interpreter:
+        process, replies = _start_interpreter(template=False)
+        with replies:
+            result = _ask(process, replies, request)
+            process.stdin.close()
+            process.wait()
+    else:
+        environment = dict(os.environ)  # read by the profile's loaders: a changed one needs a new template
+        running = _TEMPLATE.get("process")
+        if running is None or running.poll() is not None or _TEMPLATE["environment"] != environment:
+            _stop_template()
+            if not _TEMPLATE.get("registered"):
+                atexit.register(_stop_template)
+            process, replies = _start_interpreter(template=True)
+            _TEMPLATE.update(process=process, replies=replies, environment=environment, registered=True)
+        result = _ask(_TEMPLATE["process"], _TEMPLATE["replies"], request)
     if not result.pop("ok"):
         raise RuntimeError(f"measuring {method} ({'full' if full else 'LoRA'}) failed: {result['error']}")
     return result
