@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from itertools import product
 from types import SimpleNamespace
 
 import pytest
@@ -248,6 +249,58 @@ def test_paired_comparison_sees_a_difference_that_two_separate_intervals_hide():
     assert swapped.difference == pytest.approx(-result.difference) and swapped.high < 0
     with pytest.raises(ValueError, match="same items"):
         evaluate.paired_comparison([True], [True, False])
+
+
+def test_question_means_average_the_seeds_of_each_question_in_first_order():
+    values, questions = [1, 0, 1, 1, 0, 0], ["q2", "q1", "q3", "q2", "q1", "q3"]  # two seeds of 3 questions
+    assert evaluate.question_means(values, questions) == {"q2": 1.0, "q1": 0.0, "q3": 0.5}
+
+
+def test_sign_flip_test_is_mcnemar_on_single_answers_and_exact_by_hand_on_averaged_ones():
+    # One 0/1 answer per question: the differences are +1, -1 or 0, and the test is McNemar's exactly.
+    assert evaluate.sign_flip_test([1] * 6 + [-1] + [0] * 5) == evaluate.mcnemar_exact(6, 1)
+    # Averaged over two seeds the differences take halves; enumerate the 2^4 sign patterns by hand.
+    differences = [1.0, 0.5, 0.5, -0.5, 0.0]
+    observed = abs(sum(differences))  # 1.5; the 0 carries no evidence and is dropped
+    patterns = [(s1, s2, s3, s4) for s1 in (1, -1) for s2 in (1, -1) for s3 in (1, -1) for s4 in (1, -1)]
+    as_extreme = [abs(s1 * 1.0 + s2 * 0.5 + s3 * 0.5 - s4 * 0.5) >= observed for s1, s2, s3, s4 in patterns]
+    assert evaluate.sign_flip_test(differences) == pytest.approx(sum(as_extreme) / 16)  # 6/16
+    assert evaluate.sign_flip_test([0, 0]) == 1.0
+    # Means over seeds lie on a grid (here halves): the null distribution is an exact convolution at any n.
+    assert evaluate.sign_flip_test([1.0, 0.5] * 10) == pytest.approx(2 / 2**20)  # 20 positive: one of 2^19
+    # The convolution against brute force over all 2^12 sign patterns, on a grid of sixths.
+    grid = [1.0, 0.5, -1 / 3, 2 / 3, 0.5, 1 / 6, -0.5, 1.0, 1 / 3, 5 / 6, -1 / 6, 0.5]
+    brute = [
+        abs(sum(s * v for s, v in zip(signs, grid, strict=True))) for signs in product((1, -1), repeat=12)
+    ]
+    as_large = sum(b >= abs(sum(grid)) - 1e-9 for b in brute) / len(brute)
+    assert evaluate.sign_flip_test(grid) == pytest.approx(as_large, rel=1e-9)
+    # Off any grid and beyond 16 units, a seeded Monte Carlo stands in, within its error of the exact p.
+    irrational = [math.sqrt(2) * (1 + i / 7) for i in range(20)]
+    assert 0 < evaluate.sign_flip_test(irrational) < 1e-3  # all positive: exact p = 2 / 2^20
+
+
+def test_paired_difference_pools_seeds_per_question_and_matches_paired_comparison_on_one_seed():
+    rng = torch.Generator().manual_seed(1)
+    a = (torch.rand(60, generator=rng) < 0.6).tolist()
+    b = (torch.rand(60, generator=rng) < 0.4).tolist()
+    pair = evaluate.paired_comparison(a, b)
+    diff = evaluate.paired_difference(a, b)
+    assert diff.estimate == pytest.approx(pair.difference) and diff.p_value == pytest.approx(pair.p_value)
+    assert (diff.low, diff.high) == pytest.approx((pair.low, pair.high))
+    assert (diff.mean_a, diff.mean_b) == pytest.approx((pair.accuracy_a, pair.accuracy_b))
+    with pytest.raises(ValueError, match="one value of A and one of B"):
+        evaluate.paired_difference([1, 0], [1])
+
+
+def test_win_tally_with_repeated_prompts_resamples_whole_prompts():
+    judged = [1.0, 1.0, 0.5, 0.0] * 5
+    once = evaluate.win_tally(judged)
+    assert (once.wins, once.ties, once.losses) == (10, 5, 5) and once.share == pytest.approx(10 / 15)
+    twice = evaluate.win_tally(judged * 2, clusters=list(range(20)) * 2)  # each prompt judged twice alike
+    assert twice.n_units == 20 and twice.share == pytest.approx(once.share)
+    with pytest.raises(ValueError, match="1.0 \\(A wins\\), 0.5 \\(tie\\) or 0.0"):
+        evaluate.win_tally([0.7])
 
 
 # --- judges and win rate ----------------------------------------------------------------------------------

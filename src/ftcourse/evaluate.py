@@ -7,7 +7,10 @@
 - capability retention: raw-form exact match and perplexity before and after fine-tuning;
 - contamination: test prompts that also occur in the training data or in the pretraining text;
 - uncertainty: Wilson and exact intervals for a proportion, a cluster bootstrap where items repeat, and
-  paired comparisons of two models on the same items (paired bootstrap, McNemar's exact test).
+  paired comparisons of two models on the same items (paired bootstrap, McNemar's exact test);
+- the unit of analysis: `paired_difference` averages seeds and repeats per question before it resamples
+  questions and flips their signs, and `win_tally` counts a judge's wins, ties and losses separately.
+  `ftcourse.verdicts` turns those results into words.
 
 The reward model itself (training, scoring) is `ftcourse.reward`; here it is used as a judge.
 """
@@ -281,6 +284,202 @@ def paired_comparison(
         high,
         mcnemar_exact(only_a, only_b),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The unit of analysis: questions, not answers
+# ---------------------------------------------------------------------------------------------------------
+# Three seeds of one model answer the same 40 questions: that is 120 answers but 40 questions, and the
+# seeds are repeated measures of each question, not new questions. Everything below first averages over
+# the repeats of a question, then treats questions as the independent units: the bootstrap resamples
+# questions, and the test flips the sign of whole questions.
+
+
+def question_means(values: Sequence[float], questions: Sequence[Any]) -> dict[Any, float]:
+    """The mean of `values` per question label (seeds and repeats of a question averaged), in first order."""
+    sums, counts = _cluster_sums(values, questions)
+    labels = list(dict.fromkeys(questions))
+    return {label: float(s / c) for label, s, c in zip(labels, sums, counts, strict=True)}
+
+
+def sign_flip_test(differences: Sequence[float], n_resamples: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value of "the differences are symmetric about 0", flipping the sign of whole units."""
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]  # a unit on which A and B agree looks the same with either sign: it carries no evidence
+    if d.size == 0:
+        return 1.0
+    magnitude = np.abs(d)
+    if np.allclose(magnitude, magnitude[0], rtol=1e-9, atol=0.0):
+        # Equal magnitudes (one answer per question, right or wrong): the count of positive signs is
+        # Binomial(n, 1/2) under the null, and the test is exactly McNemar's.
+        return mcnemar_exact(int((d > 0).sum()), int((d < 0).sum()))
+    steps = _on_a_grid(magnitude)
+    if steps is not None:
+        # Means over a few seeds or phrasings are multiples of 1/L for a small L: on that grid the null
+        # distribution of the sum (each sign a fair coin) is an exact convolution, whatever the n.
+        total = int(steps.sum())
+        probability = np.zeros(2 * total + 1)
+        probability[total] = 1.0  # index total + k holds P(sum = k / L)
+        for step in steps:
+            probability = 0.5 * (np.roll(probability, step) + np.roll(probability, -step))
+        observed = abs(int((np.sign(d) * steps).sum()))
+        sums = np.abs(np.arange(-total, total + 1))
+        return float(min(1.0, probability[sums >= observed].sum()))
+    observed = abs(d.sum())
+    if d.size <= 16:  # any values, few units: all 2^n sign patterns
+        signs = 1 - 2 * ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1)
+        # float sums of a few values: compare with a relative margin of a few ulps of the total
+        return float(np.mean(np.abs(signs @ d) >= observed - 1e-9 * magnitude.sum()))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(n_resamples, d.size))
+    extreme = np.sum(np.abs(signs @ d) >= observed - 1e-9 * magnitude.sum())
+    return float((1 + extreme) / (1 + n_resamples))  # a Monte Carlo p-value is never exactly 0
+
+
+def _on_a_grid(
+    magnitudes: np.ndarray, largest_denominator: int = 720, largest_total: int = 20_000
+) -> np.ndarray | None:
+    """The magnitudes as integers k_i with magnitude_i = k_i / L for the smallest L that works, or None."""
+    for denominator in range(1, largest_denominator + 1):
+        scaled = magnitudes * denominator
+        integers = np.round(scaled)
+        if np.all(np.abs(scaled - integers) < 1e-6) and integers.sum() <= largest_total:
+            return integers.astype(np.int64)
+    return None
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A minus B, averaged per unit (question), with a bootstrap interval over units and a sign-flip p."""
+
+    estimate: float  # mean over units of (mean of A on the unit - mean of B on the unit)
+    low: float
+    high: float
+    p_value: float  # sign-flip test over units (McNemar's exact test when each unit has one 0/1 answer)
+    n_units: int  # the independent units: questions (or items)
+    n_observations: int  # the answers behind them: units x seeds x repeats
+    unit: str = "question"
+    confidence: float = 0.95
+    mean_a: float = float("nan")  # A's mean over units, for the report
+    mean_b: float = float("nan")
+
+
+def paired_difference(
+    values_a: Sequence[float],
+    values_b: Sequence[float],
+    questions: Sequence[Any] | None = None,
+    unit: str = "question",
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> Difference:
+    """A - B paired by question: average each question's seeds and repeats, then bootstrap over questions."""
+    if len(values_a) != len(values_b):
+        raise ValueError(
+            f"a paired comparison needs one value of A and one of B per answer; got {len(values_a)} and "
+            f"{len(values_b)}. Pool seeds by concatenating each model's values in the same question order."
+        )
+    if len(values_a) == 0:
+        raise ValueError("a paired comparison needs at least one question")
+    labels = list(questions) if questions is not None else list(range(len(values_a)))
+    means_a = np.array(list(question_means(values_a, labels).values()))
+    means_b = np.array(list(question_means(values_b, labels).values()))
+    per_unit = means_a - means_b  # one number per question: the seeds are not new questions
+    low, high = bootstrap_interval(per_unit, confidence, n_resamples, seed)
+    return Difference(
+        float(per_unit.mean()),
+        low,
+        high,
+        sign_flip_test(per_unit, seed=seed),
+        int(per_unit.size),
+        len(values_a),
+        unit,
+        confidence,
+        float(means_a.mean()),
+        float(means_b.mean()),
+    )
+
+
+def difference_from(pair: PairedComparison, unit: str = "question", confidence: float = 0.95) -> Difference:
+    """The Difference of an existing PairedComparison (its items as units, its McNemar p)."""
+    return Difference(
+        pair.difference, pair.low, pair.high, pair.p_value, pair.n, pair.n, unit, confidence,
+        pair.accuracy_a, pair.accuracy_b,
+    )  # fmt: skip
+
+
+def proportion_against(
+    successes: int, n: int, reference: float, unit: str = "question", confidence: float = 0.95
+) -> Difference:
+    """A share of n independent units against a fixed reference (chance: 0.5), Wilson interval, exact test."""
+    if not 0.0 <= reference <= 1.0:
+        raise ValueError(f"the reference must be a share between 0 and 1, got {reference}")
+    low, high = wilson_interval(successes, n, z_for(confidence))
+    # Two-sided exact binomial test: every outcome at most as likely as the observed one counts.
+    pmf = [math.comb(n, k) * reference**k * (1 - reference) ** (n - k) for k in range(n + 1)]
+    p_value = min(1.0, sum(p for p in pmf if p <= pmf[successes] * (1 + 1e-9)))
+    share = successes / n
+    shifted = (share - reference, low - reference, high - reference)
+    return Difference(*shifted, p_value, n, n, unit, confidence, share, reference)
+
+
+@dataclass(frozen=True)
+class WinTally:
+    """Judge verdicts counted as wins, ties and losses of A; the share of wins among decided units."""
+
+    wins: int
+    ties: int
+    losses: int
+    share: float  # wins / (wins + losses): ties are set aside, not counted as half a win
+    low: float  # interval of `share` (Wilson; cluster bootstrap when prompts repeat)
+    high: float
+    p_value: float  # sign test of wins against losses (sign flips over clusters when prompts repeat)
+    n_units: int  # prompts (or clusters of repeated prompts)
+    unit: str = "prompt"
+    confidence: float = 0.95
+
+    @property
+    def decided(self) -> int:
+        """How many verdicts were a win or a loss."""
+        return self.wins + self.losses
+
+
+def win_tally(
+    judged: Sequence[float],
+    clusters: Sequence[Any] | None = None,
+    unit: str = "prompt",
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> WinTally:
+    """Wins (1.0), ties (0.5) and losses (0.0) of A, with an interval on the share of wins among decided."""
+    allowed = {0.0, 0.5, 1.0}
+    if any(float(v) not in allowed for v in judged):
+        raise ValueError(
+            f"verdicts must be 1.0 (A wins), 0.5 (tie) or 0.0 (B wins); got {sorted(set(judged))}"
+        )
+    if not judged:
+        raise ValueError("win_tally needs at least one verdict")
+    verdict = np.asarray(judged, dtype=float)
+    win, loss = (verdict == 1.0).astype(float), (verdict == 0.0).astype(float)
+    wins, losses = int(win.sum()), int(loss.sum())
+    ties = len(verdict) - wins - losses
+    share = wins / (wins + losses) if wins + losses else float("nan")
+    labels = list(clusters) if clusters is not None else list(range(len(verdict)))
+    n_units = len(set(labels))
+    if n_units == len(verdict):  # every prompt once: a binomial count among the decided ones
+        low, high = wilson_interval(wins, wins + losses, z_for(confidence)) if wins + losses else (0.0, 1.0)
+        p_value = mcnemar_exact(wins, losses)  # the sign test: each decided verdict a fair coin under H0
+    else:  # repeated prompts: resample whole clusters, keep the ratio of their wins to their decided
+        win_sums, _ = _cluster_sums(win, labels)
+        loss_sums, _ = _cluster_sums(loss, labels)
+        picks = np.random.default_rng(seed).integers(0, n_units, size=(n_resamples, n_units))
+        decided = win_sums[picks].sum(axis=1) + loss_sums[picks].sum(axis=1)
+        ratios = win_sums[picks].sum(axis=1)[decided > 0] / decided[decided > 0]
+        tail = (1.0 - confidence) / 2
+        low, high = (float(q) for q in np.quantile(ratios, [tail, 1 - tail])) if ratios.size else (0.0, 1.0)
+        p_value = sign_flip_test(win_sums - loss_sums, seed=seed)
+    return WinTally(wins, ties, losses, share, low, high, p_value, n_units, unit, confidence)
 
 
 def percent(value: float, low: float | None = None, high: float | None = None) -> str:
