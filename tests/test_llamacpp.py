@@ -72,10 +72,28 @@ def test_check_comparison_names_each_missed_tolerance():
 
     assert llamacpp.check_comparison(report, llamacpp.Tolerance(0.1, 0.9)) == [
         "max |dlogit| 0.2 >= 0.1",
-        "argmax agreement 50.0% < 90%",
+        "argmax agreement 50.0% < 90% (near ties under 0.2 apart counted as agreed; plain 50.0%)",
     ]
     assert llamacpp.check_comparison(report, llamacpp.Tolerance(None, 0.5)) == []
     assert llamacpp.check_tolerance("Q4_K_M") == llamacpp.CHECK_TOLERANCES["Q4"]
+
+
+def test_an_argmax_flip_at_a_near_tie_is_within_a_logit_bound():
+    # Two positions, one miss. Bound 0.1: every logit within 0.1, so a flip is possible only where the two
+    # candidates were under 0.2 apart. A miss 0.05 apart is rounding (agreement 100%); 0.5 apart is not.
+    def report(gap: float) -> llamacpp.GGUFComparison:
+        prompt = llamacpp.PromptComparison([1, 2], 0.04, 0.5, [3], [3], None, None, argmax_miss_gaps=(gap,))
+        return llamacpp.GGUFComparison(gguf_path=__import__("pathlib").Path("x.gguf"), prompts=[prompt])
+
+    assert report(0.05).argmax_agreement_except_ties(0.2) == 1.0
+    assert llamacpp.check_comparison(report(0.05), llamacpp.Tolerance(0.1, 0.9)) == []
+    assert llamacpp.check_comparison(report(0.5), llamacpp.Tolerance(0.1, 0.9)) == [
+        "argmax agreement 50.0% < 90% (near ties under 0.2 apart counted as agreed; plain 50.0%)"
+    ]
+    # no logit bound (k-quants): no tie rule, the plain agreement is judged
+    assert llamacpp.check_comparison(report(0.05), llamacpp.Tolerance(None, 0.9)) == [
+        "argmax agreement 50.0% < 90%"
+    ]
 
 
 # --- Options are checked before any work ---------------------------------------------------------

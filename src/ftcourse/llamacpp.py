@@ -55,8 +55,13 @@ class Tolerance:
 
     def describe(self) -> str:
         """The tolerance in words, for help texts and reports."""
-        bound = f"max |dlogit| < {self.max_abs_logit_diff:g}, " if self.max_abs_logit_diff else ""
-        return f"{bound}argmax agreement >= {self.min_argmax_agreement:.0%}"
+        if not self.max_abs_logit_diff:
+            return f"argmax agreement >= {self.min_argmax_agreement:.0%}"
+        return (
+            f"max |dlogit| < {self.max_abs_logit_diff:g}, "
+            f"argmax agreement >= {self.min_argmax_agreement:.0%} "
+            f"(a flip between tokens under {2 * self.max_abs_logit_diff:g} apart counts as agreed)"
+        )
 
 
 # Set with room to spare from what the embedded model measured on --check's three prompts (26 positions):
@@ -210,6 +215,9 @@ class PromptComparison:
     gguf_tokens: list[int]
     first_divergence: int | None  # index into the generated tokens; None when all are equal
     gap_at_divergence: float | None  # transformers' top-1 minus top-2 logit there: small = a near tie
+    # at each prompt position where the two argmaxes differ: transformers' logit of its own pick minus its
+    # logit of llama.cpp's pick (small = a near tie that rounding alone can flip)
+    argmax_miss_gaps: tuple[float, ...] = ()
 
 
 @dataclass
@@ -229,6 +237,12 @@ class GGUFComparison:
         """Fraction of all prompt positions where both pick the same next token."""
         n = sum(len(p.prompt_ids) for p in self.prompts)
         return sum(p.argmax_agreement * len(p.prompt_ids) for p in self.prompts) / n
+
+    def argmax_agreement_except_ties(self, tie_gap: float) -> float:
+        """Argmax agreement, a miss counted as agreed where transformers' two picks were < tie_gap apart."""
+        n = sum(len(p.prompt_ids) for p in self.prompts)
+        near_ties = sum(gap < tie_gap for p in self.prompts for gap in p.argmax_miss_gaps)
+        return self.argmax_agreement + near_ties / n
 
     @property
     def greedy_equal(self) -> bool:
@@ -311,15 +325,19 @@ def compare_with_llama_cpp(
                 )
             pairs = enumerate(zip(hf_tokens, cpp_tokens, strict=True))
             divergence = next((i for i, (a, b) in pairs if a != b), None)
+            hf_pick, cpp_pick = hf_logits.argmax(-1), cpp_logits.argmax(-1)
+            misses = np.flatnonzero(hf_pick != cpp_pick)
+            miss_gaps = hf_logits[misses, hf_pick[misses]] - hf_logits[misses, cpp_pick[misses]]
             report.prompts.append(
                 PromptComparison(
                     prompt_ids=ids,
                     max_abs_logit_diff=float(np.abs(hf_logits - cpp_logits).max()),
-                    argmax_agreement=float((hf_logits.argmax(-1) == cpp_logits.argmax(-1)).mean()),
+                    argmax_agreement=float((hf_pick == cpp_pick).mean()),
                     hf_tokens=hf_tokens,
                     gguf_tokens=cpp_tokens,
                     first_divergence=divergence,
                     gap_at_divergence=None if divergence is None else gaps[divergence],
+                    argmax_miss_gaps=tuple(float(gap) for gap in miss_gaps),
                 )
             )
     finally:
@@ -372,8 +390,14 @@ def check_comparison(report: GGUFComparison, tolerance: Tolerance) -> list[str]:
     failures = []
     if tolerance.max_abs_logit_diff is not None and report.max_abs_logit_diff >= tolerance.max_abs_logit_diff:
         failures.append(f"max |dlogit| {report.max_abs_logit_diff:.3g} >= {tolerance.max_abs_logit_diff:g}")
-    if report.argmax_agreement < tolerance.min_argmax_agreement:
-        failures.append(
-            f"argmax agreement {report.argmax_agreement:.1%} < {tolerance.min_argmax_agreement:.0%}"
-        )
+    agreement, how = report.argmax_agreement, ""
+    if tolerance.max_abs_logit_diff is not None:
+        # With every logit within the bound of the other side, the argmax may flip wherever transformers'
+        # two candidates are less than twice the bound apart: such a flip is within tolerance, not an error.
+        # How many such near ties a prompt has depends on the CPU's rounding (AVX2 vs AVX512 kernels).
+        tie_gap = 2 * tolerance.max_abs_logit_diff
+        agreement = report.argmax_agreement_except_ties(tie_gap)
+        how = f" (near ties under {tie_gap:g} apart counted as agreed; plain {report.argmax_agreement:.1%})"
+    if agreement < tolerance.min_argmax_agreement:
+        failures.append(f"argmax agreement {agreement:.1%} < {tolerance.min_argmax_agreement:.0%}{how}")
     return failures
