@@ -70,7 +70,8 @@ class DoesNotFit(ValueError):
         self.estimate = estimate
         super().__init__(
             f"refusing to train: the fit-check puts the peak of one step at {estimate.peak_gib:.1f} GiB "
-            f"({estimate.peak_phase}), and the device has {estimate.device_bytes / memory.GIB:.1f} GiB "
+            f"({estimate.peak_phase}), and the device has "
+            f"{estimate.usable_bytes / memory.GIB:.1f} GiB usable "
             f"({-estimate.headroom_gib:.1f} GiB short). "
             + ("Use QLoRA (method='qlora'), or " if estimate.method != "qlora" else "Try ")
             + f"a shorter seq_len, batch 1 with gradient accumulation, or gradient checkpointing.\n"
@@ -132,8 +133,8 @@ def require_fit(
     model: Any,
     method: str = "qlora",
     *,
-    device_gb: float = memory.SPARK_GB,
-    device: str = "cuda",
+    device_gb: float | None = None,
+    device: str = "spark",
     **fit_settings: Any,
 ) -> memory.MemoryEstimate:
     """The fit-check of the run; raises DoesNotFit (with the breakdown) when its verdict is 'does not fit'."""
