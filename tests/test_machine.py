@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from test_book import _root_conftest
 
 from ftcourse import machine
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _root_conftest():
-    """The repository's conftest.py as a plain module (pytest registers it under its own name)."""
-    spec = importlib.util.spec_from_file_location("ftcourse_root_conftest", ROOT / "conftest.py")
-    if spec.name in sys.modules:
-        return sys.modules[spec.name]
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_speed_factor_is_the_weighted_geometric_mean_of_the_parts_ratios():

@@ -95,6 +95,17 @@ class LoadedAdapter:
     notes: list[str] = field(default_factory=list)
 
 
+def _local_base(adapter_dir: Path, base_model_dir: Any, recorded: Any, how: str) -> Path:
+    """The base model folder an adapter merges into: the one given, else the one it records; it must exist."""
+    base = base_model_dir if base_model_dir is not None else recorded
+    if not base or not Path(base).expanduser().is_dir():
+        raise ExportError(
+            f"{adapter_dir} holds an adapter whose base model {base!r} is not a local folder; "
+            f"pass the base model folder ({how})."
+        )
+    return Path(base).expanduser()
+
+
 def load_adapter(
     adapter_dir: str | os.PathLike, base_model_dir: str | os.PathLike | None = None
 ) -> LoadedAdapter:
@@ -105,13 +116,7 @@ def load_adapter(
 
     adapter_dir = Path(adapter_dir).expanduser()
     recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    base = base_model_dir if base_model_dir is not None else recorded
-    if not base or not Path(base).expanduser().is_dir():
-        raise ExportError(
-            f"{adapter_dir} holds an adapter whose base model {base!r} is not a local folder; "
-            f"pass the base model folder (--base BASE_DIR on the command line)."
-        )
-    base = Path(base).expanduser()
+    base = _local_base(adapter_dir, base_model_dir, recorded, "--base BASE_DIR on the command line")
     notes = []
     if recorded and base_model_dir is not None and Path(recorded).expanduser().resolve() != base.resolve():
         notes.append(
@@ -313,13 +318,9 @@ def merge_streaming(
             f"W0 + s·B·A only, so it refuses rather than merge it wrongly."
         )
     recorded = config.get("base_model_name_or_path")
-    base = base_model_dir if base_model_dir is not None else recorded
-    if not base or not Path(base).expanduser().is_dir():
-        raise ExportError(
-            f"{adapter_dir} holds an adapter whose base model {base!r} is not a local folder; pass the base "
-            f"model folder (base_model_dir, or --base BASE_DIR on the command line)."
-        )
-    base = Path(base).expanduser()
+    base = _local_base(
+        adapter_dir, base_model_dir, recorded, "base_model_dir, or --base BASE_DIR on the command line"
+    )
     notes = []
     if recorded and not _same_base(recorded, base):
         if not allow_other_base:
