@@ -64,7 +64,7 @@ def test_every_notebook_under_book_is_listed(book_toc):
         if book_toc.is_notebook(source):
             assert source.resolve() in listed, (
                 f"{rel(source)} is a notebook but _toc.yml does not list it, so it is neither built nor "
-                "tested. Add it to _toc.yml (see README.md, 'Adding a chapter')."
+                "tested. Add it to _toc.yml (see CONTRIBUTING.md, 'Adding a chapter')."
             )
 
 

@@ -113,15 +113,13 @@ URL = "https://example.org/book/part2/lora.html"
 def test_cite_entries_for_a_numbered_section():
     bibtex, apa = ftcourse_book.cite_entries(META, "5", "Rank, alpha & 100% targets", URL, "book/part2/lora")
     assert bibtex == (
-        "@inbook{ftcourse2026sec5,\n"
+        "@incollection{ftcourse2026sec5,\n"
         "  author    = {Lovelace, Ada Augusta and {The R\\&D team}},\n"
         "  title     = {{Rank, alpha \\& 100\\% targets}},\n"
         "  booktitle = {{A Book on Fine-Tuning}},\n"
-        "  chapter   = {5},\n"
         "  year      = {2026},\n"
         "  version   = {0.3.1},\n"
-        "  url       = {https://example.org/book/part2/lora.html},\n"
-        "  note      = {Section 5, version 0.3.1},\n"
+        "  note      = {Version 0.3.1, Section 5. \\url{https://example.org/book/part2/lora.html}},\n"
         "}"
     )
     assert apa == (
@@ -133,12 +131,78 @@ def test_cite_entries_for_a_numbered_section():
 def test_cite_entries_for_an_unnumbered_page():
     meta = {**META, "authors": [{"name": "ftcourse contributors"}]}
     bibtex, apa = ftcourse_book.cite_entries(meta, None, "Why fine-tune?", URL, "book/appendix/Quick-Ref")
-    assert bibtex.startswith("@inbook{ftcourse2026book-appendix-quick-ref,\n")
-    assert "chapter" not in bibtex and "  note      = {version 0.3.1},\n" in bibtex
+    assert bibtex.startswith("@incollection{ftcourse2026book-appendix-quick-ref,\n")
+    assert "Section" not in bibtex and f"  note      = {{Version 0.3.1. \\url{{{URL}}}}},\n" in bibtex
     assert apa == (
         "ftcourse contributors. (2026). Why fine-tune? In *A Book on Fine-Tuning* (Version 0.3.1)."
         " https://example.org/book/part2/lora.html"
     )
+
+
+# --- the BibTeX as the standard styles print it ------------------------------------------------------
+
+SECTION_URL = "https://example.org/book/v0.3.1/cite/sec-24-3.html"
+
+
+def _section_entry() -> str:
+    return ftcourse_book.cite_entries(META, "24.3", "Paired tests", SECTION_URL, "book/part5/evaluating")[0]
+
+
+def test_the_entry_fills_every_field_each_style_prints():
+    """plain.bst and apalike.bst (`incollection`) and biblatex's `incollection` driver (authoryear) print
+    author, title, booktitle, year and note, and neither BibTeX style prints `url` or `version`: so the
+    version, section and URL must be in `note`."""
+    from pybtex.database import parse_string
+
+    entry = parse_string(_section_entry(), "bibtex").entries["ftcourse2026sec24-3"]
+    assert entry.type == "incollection"
+    fields = {name.lower() for name in entry.fields} | ({"author"} if entry.persons.get("author") else set())
+    for style, reads in ftcourse_book.STYLE_FIELDS.items():
+        assert set(reads) <= fields, f"{style} prints {reads}; the entry lacks {set(reads) - fields}"
+        assert "url" not in reads and "version" not in reads, f"{style}: update the note logic"
+    note = entry.fields["note"]
+    assert "Version 0.3.1" in note and "Section 24.3" in note and f"\\url{{{SECTION_URL}}}" in note
+    assert "url" not in {name.lower() for name in entry.fields}, "a url field: biblatex prints the URL twice"
+    assert "#" not in SECTION_URL and "#" not in note, (
+        "a # in a BibTeX field breaks biblatex: use a permalink"
+    )
+
+
+@pytest.mark.parametrize("style", ["plain", "apalike"])
+def test_bibtex_prints_author_titles_version_year_and_url(style, tmp_path):
+    """Runs the real BibTeX with the standard style on the entry and reads the .bbl it writes."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("bibtex") or not shutil.which("kpsewhich"):
+        pytest.skip(
+            "no BibTeX here (Debian: apt-get install texlive-binaries texlive-base): fields checked above"
+        )
+    if subprocess.run(["kpsewhich", f"{style}.bst"], capture_output=True, text=True).stdout.strip() == "":
+        pytest.skip(f"no {style}.bst (Debian: texlive-base)")
+    (tmp_path / "refs.bib").write_text(_section_entry() + "\n", encoding="utf-8")
+    (tmp_path / "doc.aux").write_text(
+        f"\\citation{{ftcourse2026sec24-3}}\n\\bibstyle{{{style}}}\n\\bibdata{{refs}}\n", encoding="utf-8"
+    )
+    run = subprocess.run(["bibtex", "doc"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode in (0, 1), run.stdout + run.stderr  # 1: warnings (no publisher), not errors
+    bbl = " ".join((tmp_path / "doc.bbl").read_text(encoding="utf-8").replace("~", " ").split())
+    for what in ("Ada Augusta Lovelace" if style == "plain" else "Lovelace", "The R\\&D team",
+                 "Paired tests", "A Book on Fine-Tuning", "Version 0.3.1", "Section 24.3", "2026",
+                 f"\\url{{{SECTION_URL}}}"):  # fmt: skip
+        assert what.lower() in bbl.lower(), f"{style} does not print {what!r}: {bbl}"
+    assert "error" not in run.stdout.lower(), run.stdout
+
+
+def test_pages_have_distinct_titles():
+    """Two pages titled alike ("Self-check") would cite alike; each toc page's title is its own."""
+    toc = (REPO / "_toc.yml").read_text(encoding="utf-8")
+    titles: dict[str, str] = {}
+    for name in re.findall(r"^\s*(?:-\s*)?(?:file|root):\s*(\S+)", toc, flags=re.M):
+        title = re.search(r"^# (.+)$", (REPO / f"{name}.md").read_text(encoding="utf-8"), flags=re.M)
+        assert title, f"{name}.md has no title"
+        assert title.group(1) not in titles, f"{name} and {titles.get(title.group(1))} share a title"
+        titles[title.group(1)] = name
 
 
 def test_cite_box_escapes_html_and_carries_number_and_url():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from export_fixtures import *  # noqa: F403
-from export_fixtures import save_adapter
+from export_fixtures import copy_model_dir, edit_config, save_adapter
 
 from ftcourse import cli, gguf, llamacpp
 from ftcourse.cli import main as cli_main
@@ -200,3 +200,15 @@ def test_fit_check_runs_every_objective(objective, capsys):
     assert cli_main(["fit-check", "llama-3.1-8b", "--method", "lora", "--objective", objective]) == 0
     out = capsys.readouterr().out
     assert ("lora, " + objective) in out if objective != "sft" else "llama-3.1-8b, lora:" in out
+
+
+def test_check_compares_against_a_float32_reference_whatever_the_config_dtype(
+    export_model_dir, tmp_path, capsys
+):
+    # transformers 5 loads a model in config.json's dtype; a bf16 reference alone is off by more than the
+    # f16 bound, so --check failed good files of models saved in bf16.
+    model = edit_config(copy_model_dir(export_model_dir, tmp_path / "model"), dtype="bfloat16",
+                        torch_dtype="bfloat16")  # fmt: skip
+    argv = ["export", str(model), str(tmp_path / "out"), "--quant", "f16", "--no-progress", "--check"]
+
+    assert cli_main(argv) == 0, capsys.readouterr().out

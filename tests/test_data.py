@@ -135,6 +135,26 @@ BAD_CASES = [
     ("messages", {"messages": [BOT]}, "messages", "a user turn"),
     ("feedback", {"prompt": [USER], "completion": [BOT], "label": "yes"}, "label", "a boolean"),
     ("feedback", {"prompt": [USER], "completion": [BOT], "label": 1}, "label", "a boolean"),
+    # roles out of order, and replies that do not fit their prompt
+    ("messages", {"messages": [BOT, USER, BOT]}, "messages", "'assistant' first"),
+    ("messages", {"messages": [USER, USER, BOT]}, "messages", "'user' twice in a row at position 1"),
+    (
+        "messages",
+        {"messages": [USER, {"role": "system", "content": "Be brief."}, BOT]},
+        "messages",
+        "'system' at",
+    ),
+    ("preference", {"prompt": [USER], "chosen": "5", "rejected": "6"}, "chosen", "found plain text"),
+    ("preference", {"prompt": "Add.", "chosen": [BOT], "rejected": "6"}, "chosen", "found a list of"),
+    ("preference", {"prompt": [USER], "chosen": [USER, BOT], "rejected": [BOT]}, "chosen", "prompt repeated"),
+    ("preference", {"prompt": [USER], "chosen": [USER], "rejected": [BOT]}, "chosen", "ends with 'user'"),
+    (
+        "preference",
+        {"prompt": "Say hi", "chosen": " say HI ", "rejected": "no"},
+        "chosen",
+        "user's turn repeated",
+    ),
+    ("feedback", {"prompt": [USER, USER], "completion": [BOT], "label": True}, "prompt", "twice in a row"),
 ]
 
 
@@ -173,13 +193,14 @@ def test_every_file_type_loads_the_same_records(tmp_path):
     records = task_records("train", "feedback", 2)
     (tmp_path / "a.json").write_text(json.dumps(records))
     data.write_jsonl(records, tmp_path / "a.jsonl")
-    with (tmp_path / "a.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SCHEMAS["feedback"])
-        writer.writeheader()
-        for r in records:
-            writer.writerow(
-                {k: json.dumps(v) if isinstance(v, list) else str(v).lower() for k, v in r.items()}
-            )
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        with (tmp_path / f"a{suffix}").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SCHEMAS["feedback"], delimiter=delimiter)
+            writer.writeheader()
+            for r in records:
+                writer.writerow(
+                    {k: json.dumps(v) if isinstance(v, list) else str(v).lower() for k, v in r.items()}
+                )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -353,3 +374,55 @@ def test_only_the_rows_asked_for_are_loaded_and_checked(tmp_path, monkeypatch):
         DataError, match="row 6, field 'output': expected non-empty text, found an empty string"
     ):
         load_records("alpaca", "train", size=6, profile=SPARK)
+
+
+# --- the data report before training ----------------------------------------------------------------------
+
+
+def test_the_report_counts_duplicates_problems_labels_and_truncation(tokenizer):
+    records = task_records("train", "feedback", 3)
+    records = [*records, records[0]]  # one exact duplicate
+    lengths = data.sequence_lengths(records, tokenizer)
+    bad = data.check_record({"prompt": [USER], "completion": [BOT], "label": "maybe"}, "feedback", "f", 9)
+    report = data.data_report(records, "feedback", tokenizer, max_length=min(lengths), problems=bad)
+    assert report.rows == len(records) + 1 and report.duplicates == 1
+    assert report.labels == {"liked": 7, "disliked": 6}
+    over = [n - min(lengths) for n in lengths if n > min(lengths)]
+    assert report.truncated() == (len(over), sum(over))
+    assert {"max_length": 4096, "rows cut": 0, "tokens lost": 0} in report.truncation_table()
+    assert "label: expected a boolean" in " ".join(report.problem_counts())
+    text = report.table()
+    assert "exact duplicates: 1" in text and "<- this run" in text and "liked 7, disliked 6" in text
+
+
+def test_sequence_lengths_are_trls_templated_token_counts(tokenizer):
+    from trl.data_utils import maybe_apply_chat_template
+
+    record = task_records("train", "messages", 1)[0]
+    text = maybe_apply_chat_template(record, tokenizer)["text"]
+    assert data.sequence_lengths([record], tokenizer) == [
+        len(tokenizer(text, add_special_tokens=False).input_ids)
+    ]
+    pair = task_records("train", "preference", 1)[0]
+    parts = maybe_apply_chat_template(pair, tokenizer)
+    count = lambda t: len(tokenizer(t, add_special_tokens=False).input_ids)  # noqa: E731
+    assert data.sequence_lengths([pair], tokenizer) == [
+        count(parts["prompt"]) + max(count(parts["chosen"]), count(parts["rejected"]))
+    ]
+
+
+def test_truncation_above_the_limit_stops_unless_allowed(tokenizer):
+    records = task_records("train", "messages", 5)
+    report = data.data_report(records, "messages", tokenizer, max_length=8, source="chat.jsonl")
+    with pytest.raises(
+        data.TruncationError, match=r"chat\.jsonl: 20 of 20 rows \(100%\).*max_length=8.*allow"
+    ):
+        data.check_truncation(report)
+    data.check_truncation(report, allow=True)
+    data.check_truncation(data.data_report(records, "messages", tokenizer, max_length=4096))
+
+
+def test_drop_duplicates_keeps_the_first_copy():
+    records = task_records("train", "alpaca", 2)
+    copy = {**records[1], "output": " " + records[1]["output"].upper() + " "}
+    assert data.drop_duplicates([*records, copy]) == records

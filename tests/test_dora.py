@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from adapter_fixtures import ATOL, assert_equal_to_peft, peft_and_ours, sample_input_ids, tiny_llama
@@ -124,3 +126,17 @@ def test_saved_activation_bytes_counts_dora_extra():
     saved_lora = dora.saved_activation_bytes(plain, batch)
     saved_dora = dora.saved_activation_bytes(decomposed, batch)
     assert 0 < saved_lora < saved_dora  # DoRA keeps the unscaled output for the gradient of m
+
+
+def test_length_direction_coupling_is_plus_one_minus_one_or_undefined_by_construction():
+    # Unit rows e_i turned by angle theta_i towards e_{i+8} (in their own plane), then scaled by a length
+    # factor: the coupling is the correlation, across rows, of (length change, angle).
+    theta = torch.linspace(0.05, 0.5, 8, dtype=torch.float64)
+    W0 = torch.eye(16, dtype=torch.float64)[:8]  # 8 rows of width 16
+    towards = torch.eye(16, dtype=torch.float64)[8:]
+    turned = torch.cos(theta)[:, None] * W0 + torch.sin(theta)[:, None] * towards
+    assert dora.length_direction_coupling(W0, (1 + theta)[:, None] * turned) == pytest.approx(1.0)
+    assert dora.length_direction_coupling(W0, (1 - theta)[:, None] * turned) == pytest.approx(-1.0)
+    assert math.isnan(dora.length_direction_coupling(W0, 2 * W0))  # lengths changed, nothing turned
+    with pytest.raises(ValueError, match="one shape"):
+        dora.length_direction_coupling(W0, W0.T)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from itertools import islice
 
 import pytest
 import torch
 
 from ftcourse import data, evaluate, forgetting, profiles, sft
+from ftcourse.toy import tasks
 from ftcourse.toy.corpus import pretraining_documents
 
 CPU = profiles.PROFILES["cpu"]
@@ -75,10 +77,77 @@ def test_snapshot_agrees_with_separate_measurements(base, tokenizer, questions):
     total, n_tokens = evaluate.token_nll(base, tokenizer, TEXTS)
     rel = abs(total / n_tokens) * n_tokens * torch.finfo(torch.float32).eps
     assert shot.perplexity == pytest.approx(evaluate.perplexity(base, tokenizer, TEXTS), rel=rel)
+    assert shot.heldout.tokens == (n_tokens,) and len(shot.validation_hits) == len(validation)
 
 
 def _shot(step: int, task: float, validation: float, raw: float = 0.5) -> forgetting.Snapshot:
     return forgetting.Snapshot(step, task, validation, raw, 10.0)
+
+
+def test_document_nll_keeps_each_document_and_agrees_with_token_nll(base, tokenizer):
+    texts = list(TEXTS) + ["add: 1 + 2 =\n3\ncount: cat dog\n2"]
+    heldout = forgetting.document_nll(base, tokenizer, texts)
+    total, n_tokens = evaluate.token_nll(base, tokenizer, texts)
+    assert len(heldout.nll) == 2 and sum(heldout.tokens) == n_tokens
+    # float32 sums of n token losses in another order: good to n·eps relative
+    rel = n_tokens * torch.finfo(torch.float32).eps
+    summed = sum(m * n for m, n in zip(heldout.nll, heldout.tokens, strict=True))
+    assert summed == pytest.approx(total, rel=rel)
+    assert heldout.perplexity == pytest.approx(evaluate.perplexity(base, tokenizer, texts), rel=10 * rel)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    ids = tokenizer(texts)["input_ids"]
+    assert list(heldout.breaks) == [row[1:].count(newline) for row in ids]
+    split = evaluate.nll_at_token(base, tokenizer, texts, "\n")  # one document at a time, unpadded
+    assert heldout.at_breaks == pytest.approx(split["at"], rel=1e-4)
+    assert heldout.elsewhere == pytest.approx(split["elsewhere"], rel=1e-4)
+
+
+def test_held_out_split_by_hand():
+    before = forgetting.HeldOutNLL(nll=(1.0, 1.0), tokens=(4, 2), break_nll=(1.0, 0.0), breaks=(1, 0))
+    after = forgetting.HeldOutNLL(nll=(2.0, 2.0), tokens=(4, 2), break_nll=(5.0, 0.0), breaks=(1, 0))
+    assert after.perplexity == pytest.approx(math.exp(12 / 6))
+    assert after.at_breaks == 5.0 and after.elsewhere == pytest.approx((12 - 5) / 5)
+    assert after.elsewhere_per_document() == pytest.approx((3 / 3, 4 / 2))
+    # summed NLL rose from 6 to 12; at the one line break from 1 to 5: two thirds of the rise
+    assert after.share_at_breaks(before) == pytest.approx(4 / 6)
+
+
+def _measured(step: int, task: list[bool], raw: list[bool], nll: list[float]) -> forgetting.Snapshot:
+    n = len(nll)
+    heldout = forgetting.HeldOutNLL(tuple(nll), (10,) * n, (0.0,) * n, (0,) * n)
+    return forgetting.Snapshot(
+        step, sum(task) / len(task), 0.0, sum(raw) / len(raw), heldout.perplexity, tuple(task), tuple(raw),
+        heldout=heldout,
+    )  # fmt: skip
+
+
+def test_compare_tests_each_measure_at_its_unit_and_reading_follows_the_tests():
+    probe = forgetting.Probe(
+        tuple(tasks.Task("add", f"q{i}", "", str(i), f"add: {i}", item=f"{i}+0") for i in range(12)),
+        (),
+        ("doc",) * 12,
+    )
+    start = _measured(0, [False] * 12, [True] * 12, [2.0] * 12)
+    learned = _measured(10, [True] * 12, [True] * 12, [2.0] * 12)
+    comparison = forgetting.compare(learned, start, probe)
+    assert comparison.task.unit == "item" and comparison.task.n_units == 12
+    assert comparison.nll.unit == "document" and comparison.nll.n_units == 12
+    said = comparison.verdicts("tuned", "base")
+    assert said["task"].outcome == "higher" and said["raw"].outcome == "no detectable difference"
+    assert forgetting.reading(comparison) == "learns the task, with no detectable loss of the old skills"
+    paid = _measured(10, [True] * 12, [True] * 12, [2.0 + 0.1 * (i + 1) for i in range(12)])
+    said = forgetting.compare(paid, start, probe).verdicts("tuned", "base")
+    assert said["nll"].outcome == "higher" and said["nll"].winner == "base"  # a loss: lower is better
+    assert "nats per token" in said["nll"].text
+    assert forgetting.reading(forgetting.compare(paid, start, probe)) == "learns the task and pays for it"
+    with pytest.raises(ValueError, match="compare needs snapshots taken by `snapshot`"):
+        forgetting.compare(_shot(0, 0.1, 0.1), start, probe)
+
+
+def test_probe_items_join_rephrasings_of_one_item(questions):
+    items = questions.items
+    assert len(items) == len(questions.test)
+    assert all(label.split("/")[0] == task.family for label, task in zip(items, questions.test, strict=True))
 
 
 def test_early_stopping_and_matched_accuracy_by_hand():

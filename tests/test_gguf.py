@@ -249,3 +249,15 @@ def test_failed_write_leaves_no_half_written_file(export_model_dir, tmp_path, mo
 def test_unknown_dtype_is_refused_before_reading(tmp_path):
     with pytest.raises(ftgguf.ExportError, match="write_gguf writes f32, f16, q8_0; got 'Q4_K_M'"):
         ftgguf.write_gguf(tmp_path / "does-not-exist", tmp_path / "out.gguf", "Q4_K_M")
+
+
+def test_weight_beyond_f16_range_is_refused_not_written_as_inf(model_copy, tmp_path):
+    # 1e6 > 65504: an f16 file would hold inf and load without a word; f32 stores it as it is.
+    _rewrite_weights(model_copy, lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((0, 0), 1e6))
+    _refused(model_copy, tmp_path, r"up_proj\.weight.*magnitude 1e\+06.*written as inf.*--quant f32")
+    assert ftgguf.write_gguf(model_copy, tmp_path / "model-f32.gguf", "f32").is_file()
+
+
+def test_refusal_for_other_models_says_what_to_do_when_the_converter_stops(model_copy, tmp_path):
+    edit_config(model_copy, architectures=["MistralForCausalLM"])
+    _refused(model_copy, tmp_path, r"(?s)convert_hf_to_gguf\.py.*pre-tokenizer was not recognized.*chkhsh")

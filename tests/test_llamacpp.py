@@ -3,6 +3,7 @@ stopping cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import gguf
@@ -226,3 +227,51 @@ def test_exact_match_with_llama_cpp_scores_llama_cpp_replies(export_hf, export_g
     assert report.replies == tuple(evaluate.first_answer(r) for r in replies)
     hits = [answer == task.answer for answer, task in zip(report.replies, tasks, strict=True)]
     assert report.overall == sum(hits) / len(tasks)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_fail_the_check(bad):
+    # nan >= bound is False: without an explicit test a NaN logit difference passed every tolerance.
+    prompt = llamacpp.PromptComparison([1, 2], bad, 1.0, [3], [3], None, None)
+    report = llamacpp.GGUFComparison(gguf_path=__import__("pathlib").Path("x.gguf"), prompts=[prompt])
+
+    for quant in ("f16", "q8_0", "Q4_K_M"):
+        assert llamacpp.check_comparison(report, llamacpp.check_tolerance(quant)), quant
+    prompt.max_abs_logit_diff, prompt.argmax_agreement = 0.0, float("nan")
+    assert llamacpp.check_comparison(report, llamacpp.check_tolerance("Q4_K_M"))
+
+
+def test_quantization_ladder_measures_each_rung_against_f16(
+    export_hf, export_prompts, export_gguf_files, tmp_path
+):
+    tokenizer = export_hf[1]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in export_prompts]
+    types = ("f16", "Q8_0", "Q2_K")
+    rungs = llamacpp.quantization_ladder(export_gguf_files["f16"], tmp_path, ids, ids[:2], types)
+
+    assert [r.quant for r in rungs] == ["f16", "Q8_0", "Q2_K"]
+    assert rungs[0].greedy_agreement == 1.0 and rungs[0].path == export_gguf_files["f16"]
+    assert rungs[0].file_bytes > rungs[1].file_bytes > rungs[2].file_bytes
+    assert all(math.isfinite(r.perplexity) and r.perplexity > 1.0 for r in rungs)
+
+
+def test_perplexity_is_the_exponent_of_the_mean_token_loss(export_hf, export_gguf_files):
+    import numpy as np
+    import torch
+
+    model, tokenizer = export_hf
+    ids = tokenizer("Once upon a time, there was a river.", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    ppl = llamacpp.perplexity_with_llama_cpp(export_gguf_files["f16"], [ids])
+    assert abs(np.log(ppl) - loss) < 0.01  # transformers' mean cross-entropy, through an f16 file
+
+
+def test_serving_gb_counts_weights_and_the_kv_cache():
+    from ftcourse.memory import architecture
+
+    arch = architecture("llama-3.1-8b")
+    need = llamacpp.serving_gb("llama-3.1-8b", 16, 1000)
+    assert need["weights"] == arch.total_params() * 2 / 1e9
+    assert need["kv_cache"] == 2 * 32 * 8 * 128 * 1000 * 2 / 1e9  # K and V, 32 layers, 8 KV heads of 128
+    assert need["total"] == need["weights"] + need["kv_cache"]

@@ -243,6 +243,22 @@ def test_train_setting_and_mean_loss(base):
         lora.run_sizes("laptop")
 
 
+def test_example_losses_are_each_conversations_own_reply_loss(base):
+    ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(6))
+    labels = ids.clone()
+    labels[:, :3] = lora.IGNORE_INDEX  # a prompt of three tokens
+    labels[2, 5:] = lora.IGNORE_INDEX  # the third reply is shorter (right padding)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    losses = lora.example_losses(base, [batch])
+    assert len(losses) == 3
+    for row, loss in enumerate(losses):  # the same as reply_loss on that conversation alone
+        alone = {key: value[row : row + 1] for key, value in batch.items()}
+        with torch.no_grad():
+            assert loss == pytest.approx(lora.reply_loss(base, alone).item(), rel=1e-5)
+
+
 def test_run_sizes_follow_the_profile_and_minimal_sizes():
     from dataclasses import replace
 

@@ -13,7 +13,8 @@ from ftcourse import evaluate, memory, peft_family, profiles
 
 CPU = profiles.PROFILES["cpu"]
 SIZES = peft_family.RUN_SIZES["cpu"]
-TINY = dataclasses.replace(SIZES, steps=2, batch_size=2, eval_per_family=1, heldout_docs=1)
+FOCUS = peft_family.FOCUS_SIZES["cpu"]
+TINY = dataclasses.replace(FOCUS, steps=2, batch_size=2, eval_per_family=1, heldout_docs=1)
 TEXTS = ["max of 3 5 9 is 9 . the capital of Orlia is Venn ."]  # perplexity text; no corpus rebuild
 
 
@@ -94,8 +95,6 @@ def test_perplexity_of_a_prompt_tuned_model_drops_the_virtual_positions():
     import torch.nn.functional as F
     from peft import get_peft_model
 
-    from ftcourse import evaluate
-
     model, config = peft_family.prepare(peft_family.method("prompt tuning"), CPU, SIZES)
     tuned = get_peft_model(model, config).eval()
     tokenizer = profiles.load_tokenizer(profile=CPU)
@@ -123,10 +122,28 @@ def test_run_in_a_fresh_process_trains_measures_and_stays_offline(no_network):
 
 
 def test_run_method_in_process_stays_offline(no_network):
-    result = peft_family.run_method("IA3", 0, CPU, TINY, TEXTS)
+    result = peft_family.run_method("IA3", 0, CPU, TINY, TEXTS, learning_rate=0.5)
     assert result.ok, result.error
     assert no_network == []
     assert result.trainable == 4 * (128 + 128 + 768)  # l_k, l_v and l_ff in each of the four blocks
+    assert result.learning_rate == 0.5 and len(result.raw_hits_bare) == 4
+    with pytest.raises(ValueError, match="learning_rate must be positive, got 0"):
+        peft_family.run_method("IA3", 0, CPU, TINY, TEXTS, learning_rate=0)
+
+
+def test_a_soft_prompt_switched_off_leaves_exactly_the_base_model():
+    result = peft_family.run_method("prompt tuning", 0, CPU, TINY, TEXTS)
+    assert result.ok, result.error
+    tokenizer = profiles.load_tokenizer(profile=CPU)
+    base_raw = peft_family.raw_form_hits(profiles.load_base(profile=CPU), tokenizer, TINY)
+    assert result.raw_hits_bare == base_raw
+
+
+def test_a_cost_only_run_trains_and_skips_evaluation():
+    sizes = dataclasses.replace(SIZES, steps=2, batch_size=2)
+    result = peft_family.run_method("LoRA", 0, CPU, sizes, TEXTS)
+    assert result.ok, result.error
+    assert result.chat_hits == () and math.isnan(result.perplexity) and result.step_seconds > 0
 
 
 def test_a_failing_method_comes_back_with_its_error(monkeypatch):
@@ -144,32 +161,71 @@ def test_a_skipped_method_says_why():
     assert "too big" in result.error
 
 
-def test_summary_by_hand():
-    base = peft_family.Baseline((True, False, False, False), (True, True, False, False), 6.0)
+ITEMS = ("add/1+2", "add/1+2", "max/3 5", "count/a b")  # the first item asked in two phrasings
+
+
+def _result(
+    name: str, seed: int, chat: tuple[bool, ...], raw: tuple[bool, ...], **kw
+) -> peft_family.MethodResult:
+    return peft_family.MethodResult(name, seed, 10, 100, 1e-3, 1.0, 3.0, 0.1, 1.0, chat, raw, 5.0, **kw)
+
+
+def test_pooled_difference_averages_seeds_per_item_by_hand():
+    base = peft_family.Baseline((False,) * 4, (True,) * 4, 6.0, ITEMS)
     runs = [
-        peft_family.MethodResult("A", 0, 10, 100, 1e-3, 1.0, 3.0, 0.1, 1.0, (True,) * 4, (True,) * 4, 5.0),
-        peft_family.MethodResult("A", 1, 10, 100, 1e-3, 1.0, 5.0, 0.3, 1.0, (False,) * 4, (False,) * 4, 7.0),
+        _result("A", 0, (True, True, True, False), (True,) * 4),
+        _result("A", 1, (True, False, True, False), (True,) * 4),
+        _result("B", 0, (False,) * 4, (True,) * 4),
+        _result("B", 1, (False,) * 4, (True,) * 4),
+    ]
+    d = peft_family.pooled_difference(runs, "A", peft_family.BASE, base)
+    # per item, A's answers over two seeds (and two phrasings of add/1+2): 3/4, 1, 0; the base 0 everywhere
+    assert d.unit == "item" and d.n_units == 3 and d.n_observations == 8
+    assert d.estimate == pytest.approx((0.75 + 1.0 + 0.0) / 3)
+    assert peft_family.pooled_difference(runs, "A", "B", base).estimate == pytest.approx(d.estimate)
+    assert peft_family.pooled_difference(runs, "A", peft_family.BASE, base, "raw").estimate == 0.0
+    with pytest.raises(ValueError, match="no finished run of 'C'"):
+        peft_family.pooled_difference(runs, "C", peft_family.BASE, base)
+    with pytest.raises(ValueError, match="no item labels"):
+        peft_family.pooled_difference(runs, "A", "B", peft_family.Baseline((False,) * 4, (True,) * 4, 6.0))
+
+
+def test_pooled_difference_uses_only_the_seeds_both_finished():
+    base = peft_family.Baseline((False,) * 4, (True,) * 4, 6.0, ITEMS)
+    runs = [
+        _result("A", 0, (True,) * 4, (True,) * 4),
+        _result("A", 1, (False,) * 4, (True,) * 4),
+        _result("B", 0, (False,) * 4, (True,) * 4),
+        peft_family.MethodResult("B", 1, error="RuntimeError: out of memory"),
+    ]
+    d = peft_family.pooled_difference(runs, "A", "B", base)
+    assert d.n_observations == 4 and d.estimate == 1.0  # seed 1 of A has no partner and is left out
+
+
+def test_summary_by_hand():
+    base = peft_family.Baseline((True, False, False, False), (True, True, False, False), 6.0, ITEMS)
+    runs = [
+        _result("A", 0, (True,) * 4, (True,) * 4, raw_hits_bare=(True, True, False, False)),
+        _result("A", 1, (False,) * 4, (False,) * 4, raw_hits_bare=(True, True, False, False)),
         peft_family.MethodResult("B", 0, error="ValueError: bad"),
     ]
     a, b = peft_family.summary(runs, base)
     assert a["chat_per_seed"] == [1.0, 0.0] and a["seeds"] == 2 and a["chat_mean"] == 0.5
-    assert (a["chat_min"], a["chat_max"], a["chat_first"], a["first_seed"]) == (0.0, 1.0, 1.0, 0)
-    assert a["raw_change"] == pytest.approx(0.5 - 0.5)  # mean of 100% and 0% against the base's 50%
-    assert a["peak_mib"] == 4.0 and a["perplexity"] == 6.0 and a["trainable_share"] == 0.1
-    # Seed 0: 3 discordant items, all for A: 2 * 0.5**3. Seed 1: 1 discordant item, for the base: 1.0.
-    assert a["p_per_seed"] == pytest.approx([0.25, 1.0])
-    assert (a["chat_low"], a["chat_high"]) == pytest.approx(evaluate.wilson_interval(4, 4))
+    assert a["raw_mean"] == 0.5 and a["perplexity"] == 5.0 and a["trainable_share"] == 0.1
+    assert a["bare_is_base"] is True
+    # per item: add/1+2 (base 1/2 right, A 1/2), max (0 and 1/2), count (0 and 1/2): +0, +1/2, +1/2
+    assert a["chat_vs_base"].estimate == pytest.approx(1 / 3) and a["chat_vs_base"].n_units == 3
     assert b == {"method": "B", "error": "ValueError: bad", "seeds": 1}
     frame = peft_family.summary_frame([a, b], base)
     assert frame.loc["B", "error"] == "ValueError: bad"
     assert frame.loc["A", "chat EM % (mean)"] == "50" and frame.loc["A", "per seed"] == "100, 0"
-    assert frame.loc["A", "p vs base, per seed"] == "0.25, 1"
+    assert frame.loc[peft_family.BASE, "raw EM % (mean)"] == "50"
 
 
 def test_a_seed_that_fails_keeps_the_others_and_shows_its_error():
-    base = peft_family.Baseline((False,) * 4, (True,) * 4, 6.0)
+    base = peft_family.Baseline((False,) * 4, (True,) * 4, 6.0, ITEMS)
     runs = [
-        peft_family.MethodResult("A", 0, 10, 100, 1e-3, 1.0, 3.0, 0.1, 1.0, (True,) * 4, (True,) * 4, 5.0),
+        _result("A", 0, (True,) * 4, (True,) * 4),
         peft_family.MethodResult("A", 1, error="RuntimeError: out of memory"),
     ]
     (row,) = peft_family.summary(runs, base)
@@ -177,15 +233,28 @@ def test_a_seed_that_fails_keeps_the_others_and_shows_its_error():
     assert row["error"] == "RuntimeError: out of memory"
 
 
-def test_every_profile_trains_every_method_with_at_least_two_seeds_except_minimal():
-    for name, sizes in peft_family.RUN_SIZES.items():
+def test_cost_frame_shows_costs_and_errors():
+    runs = [_result("A", 0, (), ()), peft_family.MethodResult("B", 0, error="ValueError: bad")]
+    frame = peft_family.cost_frame(runs)
+    assert frame.loc["A", "trainable"] == "10" and frame.loc["A", "peak MiB"] == "3"
+    assert frame.loc["B", "error"] == "ValueError: bad"
+
+
+def test_the_focused_comparison_has_two_seeds_and_evaluates_except_minimal():
+    assert set(peft_family.FOCUS_SIZES) == set(peft_family.RUN_SIZES)
+    for name, sizes in peft_family.FOCUS_SIZES.items():
         assert len(sizes.seeds) >= (1 if name == "minimal" else 2), name
+        assert sizes.measure_quality
+    assert all(not sizes.measure_quality for sizes in peft_family.RUN_SIZES.values())  # cost only
+    assert all(peft_family.method(name) for name in peft_family.FOCUS_METHODS)
 
 
 def test_family_sizes_follow_the_minimal_setting():
     minimal = dataclasses.replace(CPU, minimal=True)
     assert peft_family.family_sizes(minimal) is peft_family.RUN_SIZES["minimal"]
     assert peft_family.family_sizes(CPU) is peft_family.RUN_SIZES["cpu"]
+    assert peft_family.focus_sizes(minimal) is peft_family.FOCUS_SIZES["minimal"]
+    assert peft_family.focus_sizes(CPU) is peft_family.FOCUS_SIZES["cpu"]
 
 
 @pytest.mark.parametrize("steps", [1, 2, 10, 300])
@@ -230,26 +299,3 @@ def test_measure_generates_only_the_reply_tokens_the_sizes_allow(monkeypatch):
     sizes = dataclasses.replace(TINY, reply_tokens=3)
     peft_family.measure(object(), tokenizer, sizes, CPU, TEXTS)
     assert seen["max_new_tokens"] == 3
-
-
-def test_accuracy_plot_labels_do_not_overlap():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    points = [
-        ("LoRA", 155_648, [0.2, 0.2]),
-        ("QLoRA", 155_648, [0.25, 0.25]),
-        ("DoRA", 165_888, [0.15, 0.25]),
-    ]
-    points += [("AdaLoRA", 233_808, [0.2, 0.2]), ("IA3", 4096, [0.2, 0.15]), ("VeRA", 4096, [0.2, 0.2])]
-    rows = [
-        {"method": name, "trainable": n, "chat_per_seed": s, "chat_mean": sum(s) / 2}
-        | {"chat_min": min(s), "chat_max": max(s), "seeds": 2}
-        for name, n, s in points
-    ]
-    figure = peft_family.accuracy_vs_parameters(rows, peft_family.Baseline((True, False), (True, True), 5.0))
-    figure.canvas.draw()
-    renderer = figure.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in figure.axes[0].texts if t.get_text() != "base model"]
-    assert len(boxes) == 6  # six methods on six distinct points: one label each
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

@@ -63,3 +63,14 @@ def test_feedback_is_imbalanced_one_to_four():
     assert set(records[0]) == {"prompt", "completion", "label"}
     with pytest.raises(ValueError, match="desirable_per_undesirable"):
         toy_prefs.feedback_records(pairs, 0.0)
+
+
+def test_period_and_sentence_pairs_prefer_the_longer_reply(tasks):
+    for task in tasks.values():
+        period = toy_prefs.make_pair(task, "period")
+        assert (period.chosen, period.rejected) == (task.answer + ".", task.answer)
+        sentence = toy_prefs.make_pair(task, "sentence")
+        assert (sentence.chosen, sentence.rejected) == (toy_prefs.verbose_answer(task), task.answer)
+    assert set(toy_prefs.TRAIN_KINDS) <= set(toy_prefs.KINDS)
+    assert set(toy_prefs.HELDOUT_KINDS) <= set(toy_prefs.KINDS)
+    assert "period" in toy_prefs.TRAIN_KINDS and "concise" in toy_prefs.HELDOUT_KINDS

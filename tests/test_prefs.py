@@ -440,31 +440,6 @@ def test_preference_trainer_errors(tokenizer, scratch):
         prefs.preference_trainer("dpo", None, tokenizer, None, peft_config=None, output_dir=scratch)
 
 
-# --- GRPO ------------------------------------------------------------------------------------------------
-
-
-def test_exact_match_reward_by_hand():
-    completions = [
-        [{"role": "assistant", "content": "22"}],
-        [{"role": "assistant", "content": "23\nmore"}],
-        "22",
-    ]
-    assert prefs.exact_match_reward(completions, ["22", "22", "22"]) == [1.0, 0.0, 1.0]
-
-
-def test_grpo_trainer_steps_offline(tokenizer, scratch, no_network):
-    from ftcourse.toy.tasks import build_tasks
-
-    trainer = prefs.grpo_trainer(
-        profiles.load_base(), tokenizer, build_tasks("train", 2), steps=1, batch_size=4, output_dir=scratch
-    )
-    trainer.train()
-    assert trainer.state.global_step == 1
-    assert no_network == []
-    with pytest.raises(ValueError, match="multiple of num_generations"):
-        prefs.grpo_trainer(None, tokenizer, [], batch_size=6, num_generations=4, output_dir=scratch)
-
-
 @pytest.mark.parametrize("fresh_interpreter", [False, True], ids=["forked-from-template", "spawned"])
 def test_step_cost_in_a_fresh_process(fresh_interpreter, no_network):
     # Never a fork of this process: a template interpreter's fork (cpu default) or a spawned interpreter
@@ -671,3 +646,47 @@ def test_kto_recipe_weights_on_the_spark_standin(monkeypatch):
     assert n_desirable == n_undesirable > 0
     weights = prefs.run_recipe("kto", profile=profile)["kto_weights"]
     assert weights == [1.0, 1.0] and prefs.kto_weights_in_range(weights, labels)
+
+
+# --- the end of turn: completions end where SFT trained them to -------------------------------------------
+
+
+def test_completions_end_at_the_end_of_turn_token(tokenizer, pairs):
+    """ChatML writes a newline after <|im_end|>: it is no part of the scored completion, in either form."""
+    record = pairs[0].record()
+    batch = prefs.collate_pairs(tokenizer, [record])
+    ends = [
+        row[mask.bool()].tolist()[-1]
+        for row, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True)
+    ]
+    assert ends == [tokenizer.eos_token_id] * 2  # each completion's last scored token is <|im_end|>
+    text = prefs.end_at_end_of_turn([record], tokenizer)[0]
+    assert isinstance(text["prompt"], str) and text["chosen"] == pairs[0].chosen
+    assert text["prompt"].endswith("<|im_start|>assistant\n")
+    same = prefs.collate_pairs(tokenizer, [text])
+    assert all(torch.equal(same[k], batch[k]) for k in prefs.BATCH_KEYS)  # both forms score the same tokens
+    feedback = toy_prefs.feedback_records(pairs[:2], 0.5)
+    assert (
+        prefs.end_at_end_of_turn(feedback, tokenizer)[0]["completion"]
+        == feedback[0]["completion"][0]["content"]
+    )
+
+
+def test_trl_tokenizes_the_plain_text_form_as_collate_pairs_does(tokenizer, pairs, scratch):
+    """TRL appends EOS to a plain-text reply and nothing else: its tokens equal collate_pairs' (DPO's)."""
+    records = toy_prefs.preference_records(pairs[:2])
+    trainer = _trainer("dpo", tokenizer, records, scratch)
+    row = trainer.train_dataset[0]
+    ours = prefs.collate_pairs(tokenizer, records[:1])
+    mask = ours["completion_mask"][0].bool()
+    assert row["chosen_ids"] == ours["input_ids"][0][mask].tolist()
+    assert row["chosen_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_styled_replies_and_reply_lengths(tokenizer):
+    assert prefs.styled_reply("58.<|im_end|><|endoftext|>", "58")
+    assert not prefs.styled_reply("58<|im_end|>", "58") and not prefs.styled_reply("58..<|im_end|>", "58")
+    assert not prefs.styled_reply("58.", "58")  # never ended its turn
+    lengths = prefs.reply_lengths(tokenizer, ["58<|im_end|>", "58." * 20])
+    assert lengths[0] == len(tokenizer("58", add_special_tokens=False)["input_ids"])
+    assert lengths[1] == prefs.REPLY_TOKENS

@@ -149,3 +149,19 @@ def test_run_sizes_have_a_minimal_entry_with_every_key():
     minimal = replace(profiles.PROFILES["spark"], minimal=True)  # what FTCOURSE_SIZES=minimal gives
     assert qlora.run_sizes(minimal) == qlora.RUN_SIZES["minimal"]
     assert set(qlora.RUN_SIZES["minimal"]) == set(qlora.RUN_SIZES["cpu"]) == set(qlora.RUN_SIZES["spark"])
+
+
+def test_fit_optimizer_names_match_the_fit_check_and_unknown_ones_are_refused():
+    assert qlora.fit_optimizer(qlora.OPTIMIZER) == "paged-adamw-8bit"
+    assert qlora.fit_optimizer("paged_adamw_32bit") == "paged-adamw"  # the QLoRA paper's optimizer
+    assert all(name in memory.OPTIMIZERS for name in qlora.FIT_OPTIMIZERS.values())
+    with pytest.raises(ValueError, match="paged_adamw_32bit"):
+        qlora.fit_optimizer("sgd")
+
+
+def test_train_qlora_refuses_an_optimizer_the_fit_check_cannot_price(tokenizer, tiny_dataset):
+    model = qlora.load_qlora_model(profiles.PROFILES["cpu"])
+    with pytest.raises(ValueError, match="fit-check can price"):
+        qlora.train_qlora(
+            model, tokenizer, tiny_dataset, profile=profiles.PROFILES["cpu"], optim="sgd", steps=1
+        )

@@ -239,3 +239,23 @@ def test_blockwise_roundtrip_equals_per_block_quantization(method):
         torch.testing.assert_close(
             out[start : start + 64], expected, rtol=torch.finfo(torch.float32).eps, atol=0
         )
+
+
+def test_nf4_offset_moves_the_outer_levels_and_a_custom_code_round_trips():
+    default, wider = quant.nf4_code(), quant.nf4_code(offset=0.99)
+    assert torch.equal(default, quant.nf4_code(offset=quant.NF4_OFFSET))
+    assert wider.max() == 1 and wider.min() == -1  # scaled to [-1, 1] either way
+    # a farther outermost quantile squeezes the inner levels towards 0 (hand check: the level next to 1)
+    assert wider.sort().values[-2] < default.sort().values[-2]
+    x = torch.randn(4, 64)
+    assert torch.equal(quant.roundtrip_4bit(x, code=quant.nf4_code()), quant.roundtrip_4bit(x, "nf4"))
+    three = torch.tensor([-1.0, 0.0, 1.0])  # a 3-level code: every value becomes -absmax, 0 or +absmax
+    out = quant.roundtrip_4bit(x, code=three)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    assert torch.all((out == 0) | torch.isclose(out.abs(), absmax.expand_as(out)))
+    with pytest.raises(ValueError, match="between 0.5 and 1"):
+        quant.nf4_code(offset=1.2)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        quant.roundtrip_4bit(x, code=torch.tensor([-2.0, 0.0, 2.0]))
+    with pytest.raises(ValueError, match="2 to 16"):
+        quant.roundtrip_4bit(x, code=torch.linspace(-1, 1, 17))

@@ -60,3 +60,23 @@ def test_train_reward_model_refuses_empty_records_and_zero_steps(tokenizer):
         reward.train_reward_model(tokenizer, [])
     with pytest.raises(ValueError, match="steps and batch_size"):
         reward.train_reward_model(tokenizer, task_records("train", "preference", 1), batch_size=0)
+
+
+def test_reward_settings_full_on_the_toy_lora_with_checkpointing_on_spark():
+    toy = reward.reward_settings(profiles.PROFILES["cpu"])
+    assert toy == {"lora_rank": None, "activation_checkpointing": False}
+    spark = reward.reward_settings(profiles.PROFILES["spark"])
+    assert spark["lora_rank"] and spark["activation_checkpointing"] is True
+
+
+def test_reward_model_with_lora_trains_the_adapter_and_the_head_only(tokenizer, no_network):
+    records = task_records("train", "preference", 2)
+    run = reward.train_reward_model(tokenizer, records, steps=1, batch_size=4, lora_rank=4)
+    assert no_network == []
+    assert "LoRA rank 4" in run.recipe["method"]
+    assert 0 < run.trainable_parameters < run.total_parameters
+    trainable = [name for name, p in run.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in name for name in trainable) and any("score" in name for name in trainable)
+    assert all("lora_" in name or "score" in name for name in trainable)
+    with pytest.raises(ValueError, match="lora_rank"):
+        reward.train_reward_model(tokenizer, records, steps=1, lora_rank=0)

@@ -1,12 +1,14 @@
 """The built site, read in a real browser as a reader reads it (Debian's Chromium, driven by Playwright).
 
-The site in `_build/html` is served on 127.0.0.1 and every page of `_toc.yml` is opened once; the tests
-below then check what that crawl saw. Nothing here downloads a browser: Playwright drives the system
-Chromium through `executable_path`. Requests for any host other than 127.0.0.1 are recorded and refused.
+The versioned site in `_build/site` (`make book` lays `_build/html` out there as v<version>/ and latest/,
+with versions.json and a root page) is served on 127.0.0.1 and every page of `_toc.yml` is opened once,
+under v<version>/; the tests below then check what that crawl saw. Nothing here downloads a browser:
+Playwright drives the system Chromium through `executable_path`. Requests for any host other than
+127.0.0.1 are recorded and refused.
 
 Without a built site (run `make book`), a browser or Playwright, these tests skip locally and fail in CI
 (`CI=true`), where `make test` builds the site first. `FTCOURSE_SITE_ROOT` points them at another
-checkout's build (a folder with `_toc.yml` and `_build/html`).
+checkout's build (a folder with `_toc.yml`, `_config.yml`, `pyproject.toml` and `_build/site`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SITE_ROOT = Path(os.environ.get("FTCOURSE_SITE_ROOT", REPO)).resolve()
-HTML = SITE_ROOT / "_build" / "html"
 SCREENSHOTS = SITE_ROOT / "_build" / "screenshots"
 sys.path.insert(0, str(REPO / "book" / "_ext"))
 import ftcourse_book  # noqa: E402  (the book's Sphinx extension: browser flags, citation helpers)
+from site_fixture import cite_urls, resolve_in_site  # noqa: E402
+
+SITE = SITE_ROOT / ftcourse_book.SITE_DIR
+VERSION = ftcourse_book.book_version(SITE_ROOT)
+HTML = SITE / ftcourse_book.version_dir(VERSION)  # this release's pages, as published
+SITE_URL = yaml.safe_load((SITE_ROOT / "_config.yml").read_text(encoding="utf-8"))["html"]["baseurl"]
+# A search for each term lists this page among its first five results.
+SEARCH_RANKS = {"Wilson": "book/part5/evaluating", "McNemar": "book/part5/evaluating"}
 
 # The same browser and flags as the PDF printer (book/_ext/ftcourse_book.py), measured to run offline.
 CHROMIUM, CHROMIUM_ARGS = ftcourse_book.CHROMIUM, ftcourse_book.CHROMIUM_ARGS
@@ -98,6 +107,11 @@ class PageVisit:
     section_numbers: list[str] = field(default_factory=list)
     sidebar_captions: list[str] = field(default_factory=list)
     cite: dict | None = None
+    numbered_headings: list[str] = field(default_factory=list)  # anchors of numbered section headings
+    cite_links: list[str] = field(default_factory=list)  # the cite links' targets (#cite-<anchor>)
+    cite_entries: list[str] = field(default_factory=list)  # ids of the section cite entries
+    versions: list[str] = field(default_factory=list)  # the version switcher's options
+    wide_math: list[dict] = field(default_factory=list)  # display equations wider than the column
 
 
 @dataclass
@@ -110,6 +124,9 @@ class Crawl:
     search_results: list[str]
     search_target_text: str
     search_target_url: str
+    ranked: dict[str, list[str]] = field(default_factory=dict)  # SEARCH_RANKS term: first five results
+    section_cite: dict = field(default_factory=dict)  # what clicking a section's "cite" link showed
+    root: dict = field(default_factory=dict)  # the site's root page: where it led, its title, its errors
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -119,15 +136,15 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site():
-    """Serve _build/html on 127.0.0.1 (a free port) for the module's tests; yields the base URL."""
+    """Serve _build/site on 127.0.0.1 (a free port); yields the base URL of this version's pages."""
     if not (HTML / "index.html").is_file():
         _unavailable(f"no built site at {HTML} (run `make book`)")
-    handler = functools.partial(_QuietHandler, directory=str(HTML))
+    handler = functools.partial(_QuietHandler, directory=str(SITE))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://127.0.0.1:{server.server_address[1]}/{ftcourse_book.version_dir(VERSION)}/"
     finally:
         server.shutdown()
         server.server_close()
@@ -162,7 +179,26 @@ def _page_script() -> str:
             };
             box.open = wasOpen;
         }
+        await new Promise(r => requestAnimationFrame(() => setTimeout(r, 50)));  // the equation fitting
+        const wideMath = [...document.querySelectorAll('mjx-container[display="true"]')]
+            .filter(m => m.dataset.ftcourseScale || window.ftcourseMathWidth?.(m) > m.clientWidth + 1)
+            .map(m => {
+                const item = Array.from(MathJax.startup.document.math).find(i => i.typesetRoot === m);
+                return {tex: item ? item.math.trim().slice(0, 80) : '', width: window.ftcourseMathWidth(m),
+                        column: m.clientWidth, scale: m.dataset.ftcourseScale || null};
+            });
+        for (let i = 0; i < 40 && !document.querySelector('.ftcourse-versions select'); i++) {
+            await new Promise(r => setTimeout(r, 50));  // the switcher appears once versions.json is read
+        }
+        const headings = [...document.querySelectorAll('article section > :is(h2,h3,h4,h5,h6)')]
+            .filter(h => h.querySelector('.section-number'));
         return {
+            numberedHeadings: headings.map(h => h.parentElement.id),
+            citeLinks: [...document.querySelectorAll('a.ftcourse-cite-link')]
+                .map(a => a.getAttribute('href')),
+            citeEntries: [...document.querySelectorAll('div.ftcourse-cite-section')].map(d => d.id),
+            versions: [...document.querySelectorAll('.ftcourse-versions option')].map(o => o.dataset.version),
+            wideMath,
             titleNumber: number(document.querySelector('article h1') || document.body),
             sectionNumbers: [...document.querySelectorAll('article section > h2')].map(number),
             sidebarCaptions: [...document.querySelectorAll('.bd-sidebar-primary p.caption .caption-text')]
@@ -216,7 +252,12 @@ def crawl(site) -> Crawl:
         page.on("pageerror", lambda e: current and current[-1].console_errors.append(f"uncaught: {e}"))
         page.on(
             "requestfailed",
-            lambda r: current and current[-1].failed_requests.append(f"{r.url} ({r.failure})"),
+            lambda r: (
+                current
+                # a redirect page's icon request is cut short by the redirect itself: not a failure
+                and not (r.url.endswith("logo.svg") and "ABORTED" in (r.failure or ""))
+                and current[-1].failed_requests.append(f"{r.url} ({r.failure})")
+            ),
         )
         page.on(
             "response",
@@ -238,6 +279,9 @@ def crawl(site) -> Crawl:
             visit.issues_link = seen["issuesLink"]
             visit.title_number, visit.section_numbers = seen["titleNumber"], seen["sectionNumbers"]
             visit.sidebar_captions, visit.cite = seen["sidebarCaptions"], seen["cite"]
+            visit.numbered_headings, visit.cite_links = seen["numberedHeadings"], seen["citeLinks"]
+            visit.cite_entries, visit.versions = seen["citeEntries"], seen["versions"]
+            visit.wide_math = seen["wideMath"]
             pages[docname] = visit
 
         search = PageVisit(url=f"{site}search.html?q={SEARCH_TERM}")
@@ -259,6 +303,19 @@ def crawl(site) -> Crawl:
                 page.inner_text("article") if page.query_selector("article") else page.inner_text("body")
             )
         pages["search"] = search
+        ranked = {}
+        for term in SEARCH_RANKS:
+            page.goto(f"{site}search.html?q={term}", wait_until="load")
+            page.wait_for_selector("#search-results ul.search li a, #search-results p", timeout=30_000)
+            ranked[term] = page.eval_on_selector_all(
+                "#search-results ul.search li a", "els => els.slice(0, 5).map(e => e.href)"
+            )
+        section_cite = _click_a_section_cite(page, site, pages)
+        root = PageVisit(url=site.rsplit("/", 2)[0] + "/")  # the site's root, above v<version>/
+        current.append(root)
+        page.goto(root.url, wait_until="load")
+        page.wait_for_url(re.compile(r"/latest/.+\.html"), timeout=15_000)
+        root_seen = {"url": page.url, "title": page.title(), "problems": root.failed_requests}
 
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for name in _screenshot_pages(list(pages)):
@@ -266,7 +323,24 @@ def crawl(site) -> Crawl:
             page.evaluate(_page_script())
             page.screenshot(path=str(SCREENSHOTS / (name.replace("/", "_") + ".png")), full_page=False)
         browser.close()
-    return Crawl(site, pages, requests, results, target_text, target_url)
+    return Crawl(site, pages, requests, results, target_text, target_url, ranked, section_cite, root_seen)
+
+
+def _click_a_section_cite(page, site: str, pages: dict[str, PageVisit]) -> dict:
+    """Open the first chapter with numbered sections, click its first "cite" link, read what opens."""
+    name = next((n for n, v in pages.items() if v.cite_links), None)
+    if name is None:
+        return {}
+    page.goto(site + name + ".html", wait_until="load")
+    link = page.locator("a.ftcourse-cite-link").first
+    target = (link.get_attribute("href") or "").lstrip("#")
+    entry = page.locator(f"[id='{target}']")
+    hidden_before = not entry.is_visible()
+    link.click()
+    return {
+        "page": name, "target": target, "hidden_before": hidden_before, "shown": entry.is_visible(),
+        "text": entry.inner_text() if entry.is_visible() else "", "url": entry.get_attribute("data-url"),
+    }  # fmt: skip
 
 
 def _screenshot_pages(docnames: list[str]) -> list[str]:
@@ -380,6 +454,20 @@ def test_api_reference_has_a_page_per_module(crawl):
         assert crawl.pages[docname].status == 200
         body = (HTML / f"{docname}.html").read_text(encoding="utf-8")
         assert f'id="module-{module}"' in body, f"{docname}.html does not document module {module}"
+    index = shown_text((HTML / ftcourse_book.API_DIR / "index.html").read_text(encoding="utf-8"))
+
+    def plain(text: str) -> str:  # white space and Sphinx's smart quotes and dashes aside
+        for fancy, ascii_text in (("’", "'"), ("‘", "'"), ("“", '"'), ("”", '"'), ("–", "--"), ("—", "---")):
+            text = text.replace(fancy, ascii_text)
+        return "".join(text.replace("`", "").split())
+
+    index = plain(index)
+    unlisted = [
+        module
+        for module in ftcourse_book.package_modules(SITE_ROOT)
+        if plain(f"{module}: {ftcourse_book.module_summary(module)}") not in index
+    ]
+    assert not unlisted, f"modules the API index does not list with their summary: {unlisted}"
 
 
 def test_every_page_shows_the_version_and_links_the_repository(crawl):
@@ -550,9 +638,8 @@ def test_the_sidebar_numbers_the_parts(crawl):
 
 
 def test_every_chapter_page_has_a_cite_box_with_its_section_number_and_url(crawl):
-    base = yaml.safe_load((SITE_ROOT / "_config.yml").read_text(encoding="utf-8"))["html"]["baseurl"]
+    base = ftcourse_book.versioned_base(SITE_URL, VERSION)
     numbers = expected_numbers()
-    version = ftcourse_book.book_version(SITE_ROOT)
     pages = _cited_pages(crawl)
     assert any(numbers.get(name) for name in pages), (
         f"no numbered chapter among {sorted(pages)}: toc walk broken"
@@ -567,16 +654,18 @@ def test_every_chapter_page_has_a_cite_box_with_its_section_number_and_url(crawl
         checks = {
             "summary reads 'Cite this section'": cite["summary"].strip() == "Cite this section",
             f"data-section is {number!r}": cite["section"] == (number or ""),
-            f"URL is {url}": cite["url"] == url and url in cite["apa"] and f"{{{url}}}" in cite["bibtex"],
-            f"APA names the version {version}": f"Version {version}" in cite["apa"],
-            "BibTeX is an @inbook entry": cite["bibtex"].startswith("@inbook{"),
+            f"URL is {url}": cite["url"] == url
+            and url in cite["apa"]
+            and f"\\url{{{url}}}" in cite["bibtex"],
+            f"APA names the version {VERSION}": f"Version {VERSION}" in cite["apa"],
+            "BibTeX is an @incollection entry": cite["bibtex"].startswith("@incollection{"),
             "the box sits under the title, closed": cite["underTitle"] and not cite["wasOpen"],
             "the BibTeX has a copy button": cite["copyButton"],
         }
         if number:
             checks[f"APA says Section {number}"] = f"Section {number})" in cite["apa"]
-            checks[f"BibTeX says chapter {number}"] = re.search(
-                rf"chapter\s*=\s*\{{{number}\}}", cite["bibtex"]
+            checks[f"BibTeX says Section {number}"] = (
+                f"Version {VERSION}, Section {number}." in cite["bibtex"]
             )
         else:
             checks["an unnumbered page cites no section"] = "Section" not in cite["apa"]
@@ -584,3 +673,66 @@ def test_every_chapter_page_has_a_cite_box_with_its_section_number_and_url(crawl
     assert not problems, "citation boxes that are wrong:\n  " + "\n  ".join(problems)
     skipped_with_box = [name for name, v in crawl.pages.items() if name not in pages and v.cite]
     assert not skipped_with_box, f"API or bibliography pages with a citation box: {skipped_with_box}"
+
+
+def test_every_cite_url_names_the_version_and_resolves_in_the_site(site):
+    """Every page's and every section's citation names v<version>/ and exists in the published layout."""
+    urls = cite_urls(HTML)
+    assert len(urls) > 20, f"found only {len(urls)} citation URLs in {HTML}"
+    base = ftcourse_book.versioned_base(SITE_URL, VERSION)
+    problems = [f"{url}: not under {base}" for url in urls if not url.startswith(base)]
+    for url in urls:
+        problems += resolve_in_site(SITE, SITE_URL, url)
+    assert not problems, "citations that do not resolve:\n  " + "\n  ".join(problems[:40])
+
+
+def test_every_numbered_section_has_a_cite_link_and_its_own_entry(crawl):
+    problems = []
+    for name, visit in crawl.pages.items():
+        want = [f"cite-{anchor}" for anchor in visit.numbered_headings]
+        if [link.lstrip("#") for link in visit.cite_links] != want or visit.cite_entries != want:
+            problems.append(f"{name}: sections {visit.numbered_headings}, links {visit.cite_links}")
+    assert any(v.numbered_headings for v in crawl.pages.values()), "no numbered section seen"
+    assert not problems, "numbered sections without their cite link and entry:\n  " + "\n  ".join(problems)
+
+
+def test_a_sections_cite_link_opens_its_entry_with_the_versioned_url(crawl):
+    seen = crawl.section_cite
+    assert seen, "no page has a section cite link"
+    assert seen["hidden_before"] and seen["shown"], (
+        f"clicking 'cite' on {seen['page']} did not open it: {seen}"
+    )
+    url = seen["url"] or ""
+    assert url.startswith(ftcourse_book.versioned_base(SITE_URL, VERSION)) and url in seen["text"], seen
+    assert "@incollection" in seen["text"] and f"Version {VERSION}, Section " in seen["text"], seen["text"]
+
+
+def test_every_page_has_the_version_switcher(crawl):
+    missing = [n for n, v in crawl.pages.items() if n != "search" and VERSION not in v.versions]
+    assert not missing, f"pages whose version switcher does not list {VERSION}: {missing}"
+
+
+def test_a_search_lists_the_page_that_teaches_the_term_in_its_first_five(crawl):
+    wrong = {
+        term: results
+        for term, results in crawl.ranked.items()
+        if not any(f"/{SEARCH_RANKS[term]}.html" in url for url in results)
+    }
+    assert not wrong, f"searches whose first five results miss the page that teaches the term: {wrong}"
+
+
+def test_the_site_root_has_a_title_and_leads_to_the_latest_version(crawl):
+    assert "/latest/" in crawl.root["url"] and crawl.root["title"], crawl.root
+    assert not crawl.root["problems"], f"the root page's failed requests: {crawl.root['problems']}"
+
+
+def test_display_equations_fit_the_text_column(crawl):
+    """MathJax 3 does not break lines: an equation wider than the column is set smaller (down to 80 %,
+    book/_ext/static/ftcourse-site.js); one still too wide must be broken in its chapter's source."""
+    overflowing = [
+        f"{name}: {m['width']} px in a {m['column']} px column at scale {m['scale']}: {m['tex']!r}"
+        for name, visit in crawl.pages.items()
+        for m in visit.wide_math
+        if m["width"] > m["column"] + 1
+    ]
+    assert not overflowing, "display equations to break:\n  " + "\n  ".join(overflowing)

@@ -115,3 +115,19 @@ def test_an_existing_paired_comparison_is_read_with_its_items_as_units():
     said = verdicts.verdict(pair, "tuned", "base")
     assert said.winner == "tuned" and "per item, n = 40" in said.text
     assert said.text == verdicts.verdict(evaluate.difference_from(pair, unit="item"), "tuned", "base").text
+
+
+def test_an_interval_bound_never_rounds_onto_zero_or_fifty():
+    # A bound of -0.3 points printed at 0 digits would read "-0" (or "+0" for +0.4): an interval that spans
+    # 0 must show a bound below 0, and one that excludes 0 must show both bounds on one side of it.
+    spans = evaluate.Difference(0.05, -0.003, 0.12, 0.2, 40, 40)
+    said = verdicts.verdict(spans)
+    assert said.outcome == "no detectable difference" and "[-0.3, +12]" in said.text
+    excludes = evaluate.Difference(0.05, 0.004, 0.12, 0.01, 40, 40)
+    said = verdicts.verdict(excludes)
+    assert said.outcome == "higher" and "[+0.4, +12]" in said.text
+    on_zero = evaluate.Difference(0.05, 0.0, 0.12, 0.2, 40, 40)
+    assert "[0, +12]" in verdicts.verdict(on_zero).text  # exactly 0: no sign that suggests a side
+    tally = evaluate.WinTally(30, 0, 10, 0.75, 0.503, 0.86, 0.002, 40)
+    said = verdicts.verdict(tally, "A", "B")
+    assert said.winner == "A" and "[50.3, 86]" in said.text  # not "[50, 86]" beside "A preferred"

@@ -1,6 +1,6 @@
 """Sphinx extension for the ftcourse book (loaded through `sphinx: local_extensions` in _config.yml).
 
-It does nine things that a static `_config.yml` cannot:
+It does these things that a static `_config.yml` cannot:
 
 1. API reference: writes one page per module of `src/ftcourse` into `book/api/` (autodoc directives only,
    the text comes from the docstrings) and deletes pages of modules that no longer exist. `_toc.yml`
@@ -8,14 +8,16 @@ It does nine things that a static `_config.yml` cannot:
 2. Execution cache: points myst-nb's jupyter-cache at `_build/.jupyter_cache/<key>`, where the key
    depends on the profile, the model override and every file of the package. `conftest.py` stores each
    chapter that pytest executed under the same key, so the book build reuses those outputs and executes
-   only chapters whose code changed (see README.md, "One execution per chapter").
+   only chapters whose code changed (see CONTRIBUTING.md, "One execution per chapter").
 3. Version: the book's version comes from `pyproject.toml` and is shown in every page's footer.
 4. Notebook download: every executed chapter gets an `.ipynb` in the page's download menu.
 5. sphinx-thebe: Jupyter Book always loads it; we do not use it and it logs a console error on every
    page, so its event handlers are disconnected.
 6. Numbered parts and "Cite this section": the captions of numbered parts read "Part I: ...", and every
-   chapter and appendix page gets a box with a BibTeX and an APA entry for the book, built from the toc's
-   section number, `html_baseurl`, the version in pyproject.toml and the authors and year in CITATION.cff.
+   chapter and appendix page gets a box with a BibTeX (@incollection) and an APA entry, built from the
+   toc's section number, the versioned address (below), the version in pyproject.toml and the authors and
+   year in CITATION.cff. Every numbered section heading (24.3) gets a small "cite" link that opens the
+   section's own entry; its URL is a permalink page, `cite/sec-24-3.html`, redirecting to the anchor.
 7. The PDF: `python book/_ext/ftcourse_book.py pdf` prints the single-page HTML build with the system
    Chromium (`make pdf`); in that build each part gets a heading and each chapter starts a page.
 8. Reading order: myst-nb executes a notebook when Sphinx reads it, and Sphinx reads in alphabetical
@@ -28,6 +30,14 @@ It does nine things that a static `_config.yml` cannot:
    matter), and an incremental build re-reads them whenever a chapter they quote changed.
 9. No unmeasured page: a built page that says "not measured in this build" fails the build (a warning,
    an error under -W).
+10. The versioned site: `html_baseurl` becomes `<baseurl>v<version>/`, so citations and canonical links
+   name the release that was read; `python book/_ext/ftcourse_book.py site` (`make site`, run by
+   `make book`) copies _build/html into _build/site as v<version>/ and latest/ with versions.json and a
+   root page; static/ftcourse-site.js shows a version switcher and fits wide display equations. The
+   HTML build's own index.html gets a title and the icon.
+11. Search and API index: `ftcourse_search_terms` (in _config.yml) adds index entries so a search lists
+   the page that teaches a term first; the `ftcourse-modules` directive lists every module with the
+   first paragraph of its docstring (book/api/index.md).
 
 The helpers at the top import nothing from Sphinx, so `conftest.py` and the tests can use them.
 """
@@ -349,21 +359,37 @@ def cite_key(meta: dict, number: str | None, docname: str) -> str:
     return f"ftcourse{meta['year']}{tail}"
 
 
+# The fields of an @incollection entry that each standard style prints (plain.bst and apalike.bst's
+# `incollection` function, biblatex standard.bbx's `incollection` driver). None of the three prints a
+# `version` field for @incollection and the two BibTeX styles print no `url`: so the version and the URL
+# go into `note`, which all three print, and there is no separate `url` field (biblatex would print the
+# URL twice). `\url` in the note needs the `url` or `hyperref` package (biblatex loads it).
+STYLE_FIELDS = {
+    "plain": ("author", "title", "booktitle", "year", "note"),
+    "apalike": ("author", "year", "title", "booktitle", "note"),
+    "biblatex-authoryear": ("author", "year", "title", "booktitle", "note"),
+}
+
+
 def cite_entries(meta: dict, number: str | None, title: str, url: str, docname: str) -> tuple[str, str]:
-    """The BibTeX and the APA (plain text, book title between asterisks) entries citing one section."""
+    """The BibTeX and the APA (plain text, book title between asterisks) entries citing one section.
+
+    The BibTeX is an @incollection: `title` is the section's, `booktitle` the book's, and `note` carries
+    the version, the section number and the URL, so that plain, apalike and biblatex all print them.
+    """
     section = f"Section {number}" if number else None
+    note = ", ".join(filter(None, [f"Version {meta['version']}", section])) + f". \\url{{{url}}}"
     fields = [
         ("author", " and ".join(_bibtex_author(a) for a in meta["authors"])),
         ("title", "{" + _bibtex_text(title) + "}"),
         ("booktitle", "{" + _bibtex_text(meta["title"]) + "}"),
+        ("year", meta["year"]),
+        ("version", meta["version"]),
+        ("note", note),
     ]
-    if number:
-        fields.append(("chapter", number))
-    fields += [("year", meta["year"]), ("version", meta["version"]), ("url", url)]
-    fields.append(("note", ", ".join(filter(None, [section, f"version {meta['version']}"]))))
     width = max(len(name) for name, _ in fields)
     body = ",\n".join(f"  {name.ljust(width)} = {{{value}}}" for name, value in fields)
-    bibtex = f"@inbook{{{cite_key(meta, number, docname)},\n{body},\n}}"
+    bibtex = f"@incollection{{{cite_key(meta, number, docname)},\n{body},\n}}"
     names = [_apa_author(a) for a in meta["authors"]]
     authors = names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", & " + names[-1]
     details = ", ".join(filter(None, [f"Version {meta['version']}", section]))
@@ -396,6 +422,168 @@ def cite_box_html(meta: dict, number: str | None, title: str, url: str, docname:
 def page_url(base_url: str, target_uri: str) -> str:
     """The published address of a page: the site's base URL joined with the page's path."""
     return base_url.rstrip("/") + "/" + target_uri.lstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Section citations: a "cite" link beside every numbered section heading, opening that section's entry.
+
+SECTION_CITE_DIR = "cite"  # per-section permalinks: <version>/cite/sec-24-3.html redirects to the anchor
+# A numbered section heading as Sphinx 7 writes it: <section id="slug"><h2><span class="section-number">
+# 24.3. </span>Title<a class="headerlink" href="#slug" ...>#</a></h2>
+_NUMBERED_HEADING = re.compile(
+    r'<section id="(?P<id>[^"]+)">\s*<h(?P<level>[2-6])>'
+    r'(?P<inner><span class="section-number">(?P<number>\d+(?:\.\d+)+)\.?\s*</span>.*?)</h(?P=level)>',
+    re.S,
+)
+
+
+def section_permalink(number: str) -> str:
+    """The path, inside one version of the site, of a section's permalink: `cite/sec-24-3.html`."""
+    return f"{SECTION_CITE_DIR}/sec-{number.replace('.', '-')}.html"
+
+
+def section_cite_html(meta: dict, number: str, title: str, url: str, docname: str, anchor: str) -> str:
+    """A section's cite entry: hidden until its "cite" link targets it (CSS `:target`, no script needed)."""
+    from html import escape
+
+    bibtex, apa = cite_entries(meta, number, title, url, docname)
+    before, book, after = apa.split("*", 2)
+    apa_html = f"{escape(before)}<em>{escape(book)}</em>{escape(after)}"
+    return (
+        f'<div class="ftcourse-cite ftcourse-cite-section" id="cite-{escape(anchor)}"'
+        f' data-section="{escape(number)}" data-url="{escape(url)}" data-anchor="{escape(anchor)}">\n'
+        f'<p class="ftcourse-cite-title">Cite section {escape(number)}'
+        f' <a class="ftcourse-cite-close" href="#{escape(anchor)}" title="Close">close</a></p>\n'
+        f'<p class="ftcourse-cite-label">APA</p>\n<p class="ftcourse-cite-apa">{apa_html}</p>\n'
+        f'<p class="ftcourse-cite-label">BibTeX</p>\n'
+        f'<div class="highlight-bibtex notranslate"><div class="highlight"><pre>{escape(bibtex)}</pre>'
+        f"</div></div>\n</div>\n"
+    )
+
+
+def add_section_cites(body: str, meta: dict, base_url: str, page_uri: str, docname: str) -> tuple[str, dict]:
+    """`body` with a "cite" link in every numbered section heading and the section's entry under it.
+
+    Returns the new body and {permalink path: (page_uri#anchor, "24.3 Title")} for the redirect pages.
+    """
+    from html import escape, unescape
+
+    permalinks: dict[str, str] = {}
+
+    def replace(match: re.Match) -> str:
+        anchor, number, level = match.group("id"), match.group("number"), match.group("level")
+        inner = re.sub(r'<a class="headerlink".*?</a>', "", match.group("inner"), flags=re.S)
+        inner = re.sub(r'<span class="section-number">.*?</span>', "", inner, flags=re.S)
+        title = " ".join(unescape(re.sub(r"<[^>]+>", "", inner)).split())
+        path = section_permalink(number)
+        permalinks[path] = (f"{page_uri}#{anchor}", f"{number} {title}")
+        entry = section_cite_html(meta, number, title, page_url(base_url, path), docname, anchor)
+        link = (
+            f'<a class="ftcourse-cite-link" href="#cite-{escape(anchor)}"'
+            f' title="Cite section {escape(number)}">cite</a>'
+        )
+        heading = match.group(0)
+        closing = f"</h{level}>"
+        return heading[: -len(closing)] + link + closing + "\n" + entry
+
+    return _NUMBERED_HEADING.sub(replace, body), permalinks
+
+
+def permalink_html(target: str, title: str) -> str:
+    """A redirect page from a section's permalink to the section (`target` relative to the permalink)."""
+    from html import escape
+
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(title)}</title>\n"
+        f'<meta http-equiv="refresh" content="0; url={escape(target)}">\n'
+        '<link rel="icon" href="../_static/logo.svg">\n'
+        f'</head>\n<body><p>This section is at <a href="{escape(target)}">{escape(target)}</a>.</p></body>\n'
+        "</html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The versioned site: _build/site/v<version>/ (a copy of _build/html), latest/, versions.json and a root
+# index.html that sends a reader to latest/. Citations name the versioned address.
+
+SITE_DIR = Path("_build") / "site"
+HTML_DIR = Path("_build") / "html"
+VERSIONS_FILE = "versions.json"
+LATEST = "latest"
+SITE_STATIC = Path(__file__).resolve().parent / "static"  # the version switcher's script and the CSS
+_VERSION_DIR = re.compile(r"^v(\d+(?:\.\d+)*)([.-]?\w+)?$")
+
+
+def version_dir(version: str) -> str:
+    """The folder of one release on the site: `v0.1.0`."""
+    return f"v{version}"
+
+
+def versioned_base(site_url: str, version: str) -> str:
+    """The address of one release: `https://host/book/` and 0.1.0 give `https://host/book/v0.1.0/`."""
+    return site_url.rstrip("/") + "/" + version_dir(version) + "/"
+
+
+def _version_key(name: str) -> tuple:
+    match = _VERSION_DIR.match(name)
+    numbers = tuple(int(n) for n in match.group(1).split(".")) if match else ()
+    # a pre-release (v1.0.0rc1) sorts before its release (v1.0.0)
+    return (numbers, 0 if match and match.group(2) else 1, name)
+
+
+def site_versions(site_dir: Path) -> list[str]:
+    """The versions published in `site_dir` (its v* folders), newest first."""
+    names = [p.name for p in site_dir.iterdir() if p.is_dir() and _VERSION_DIR.match(p.name)]
+    return [name[1:] for name in sorted(names, key=_version_key, reverse=True)]
+
+
+def versions_json(versions: list[str], latest: str) -> str:
+    """The switcher's list: each version with its folder; `latest` marks the one latest/ copies."""
+    import json
+
+    entries = [{"version": v, "path": version_dir(v) + "/", "latest": v == latest} for v in versions]
+    return json.dumps(entries, indent=1) + "\n"
+
+
+def redirect_html(target: str, title: str, icon: str) -> str:
+    """A page with a title and an icon that sends the reader to `target` (the site root, index.html)."""
+    from html import escape
+
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{escape(title)}</title>\n"
+        f'<link rel="icon" href="{escape(icon)}">\n'
+        f'<meta http-equiv="refresh" content="0; url={escape(target)}">\n'
+        f'</head>\n<body><p><a href="{escape(target)}">{escape(title)}</a></p></body>\n</html>\n'
+    )
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".buildinfo", ".doctrees"))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+
+
+def assemble_site(html_dir: Path, site_dir: Path, version: str, title: str) -> list[str]:
+    """Copy the HTML build into `site_dir` as v<version>/ and latest/; write versions.json and the root
+    page. Folders of other versions already in `site_dir` (an older release) are kept. Returns the
+    versions now in the site, newest first."""
+    if not (html_dir / "index.html").is_file():
+        raise FileNotFoundError(f"no HTML build at {html_dir}/index.html: run `make book` first")
+    site_dir.mkdir(parents=True, exist_ok=True)
+    _copy_tree(html_dir, site_dir / version_dir(version))
+    _copy_tree(html_dir, site_dir / LATEST)
+    versions = site_versions(site_dir)
+    (site_dir / VERSIONS_FILE).write_text(versions_json(versions, version), encoding="utf-8")
+    for folder in [site_dir / version_dir(v) for v in versions] + [site_dir / LATEST]:
+        (folder / VERSIONS_FILE).unlink(missing_ok=True)  # one list, at the root, for every version
+    icon = f"{LATEST}/_static/logo.svg"
+    (site_dir / "index.html").write_text(redirect_html(f"{LATEST}/", title, icon), encoding="utf-8")
+    (site_dir / ".nojekyll").write_text("", encoding="utf-8")  # GitHub Pages: serve _static/ as it is
+    return versions
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -515,19 +703,78 @@ def print_pdf(html_dir: Path, pdf: Path, timeout_s: float = 600) -> dict:
     return seen
 
 
+USAGE = (
+    "usage: python book/_ext/ftcourse_book.py pdf [HTML_DIR] [PDF]\n"
+    "       python book/_ext/ftcourse_book.py site [HTML_DIR] [SITE_DIR]"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: `python book/_ext/ftcourse_book.py pdf [HTML_DIR] [PDF]` prints the book to a PDF."""
+    """Command line: `pdf [HTML_DIR] [PDF]` prints the book to a PDF; `site [HTML_DIR] [SITE_DIR]` lays
+    the HTML build out as one version of the published site (v<version>/, latest/, versions.json)."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "pdf" or len(args) > 3:
-        print("usage: python book/_ext/ftcourse_book.py pdf [HTML_DIR] [PDF]", file=sys.stderr)
+    if not args or args[0] not in ("pdf", "site") or len(args) > 3:
+        print(USAGE, file=sys.stderr)
         return 2
+    if args[0] == "site":
+        html_dir = Path(args[1]) if len(args) > 1 else ROOT / HTML_DIR
+        site_dir = Path(args[2]) if len(args) > 2 else ROOT / SITE_DIR
+        version = book_version(ROOT)
+        versions = assemble_site(html_dir, site_dir, version, citation_metadata(ROOT)["title"])
+        print(f"Wrote {site_dir}/{version_dir(version)}/ and {LATEST}/; versions: {', '.join(versions)}")
+        return 0
     html_dir = Path(args[1]) if len(args) > 1 else ROOT / SINGLE_HTML
     pdf = Path(args[2]) if len(args) > 2 else ROOT / PDF_PATH
     seen = print_pdf(html_dir, pdf)
     print(f"Wrote {pdf}: {seen['typeset']} formulas typeset, {pdf.stat().st_size >> 10} KiB")
     return 0
+
+
+def module_summary(module: str) -> str:
+    """The first paragraph of a module's docstring, on one line ("" when it has none)."""
+    import importlib
+    import inspect
+
+    doc = inspect.getdoc(importlib.import_module(module)) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def _module_summaries_directive():
+    """The `ftcourse-modules` directive: one line per module of the package, linking its API page and
+    giving the first paragraph of its docstring (book/api/index.md)."""
+    from docutils import nodes
+    from sphinx import addnodes
+    from sphinx.util.docutils import SphinxDirective
+
+    class ModuleSummaries(SphinxDirective):
+        has_content = False
+
+        def run(self) -> list:
+            root = Path(self.env.srcdir)
+            listing = nodes.bullet_list(classes=["ftcourse-modules"])
+            for module in package_modules(root):
+                try:
+                    summary = module_summary(module)
+                except Exception as error:  # noqa: BLE001 (any import failure: name the module)
+                    raise self.error(f"cannot import {module} for the API index: {error}") from error
+                if not summary:
+                    raise self.error(f"{module} has no module docstring: add a one-line summary")
+                ref = addnodes.pending_xref(
+                    "", refdomain="std", reftype="doc", refexplicit=True,
+                    reftarget="/" + (API_DIR / module).as_posix(), refdoc=self.env.docname,
+                )  # fmt: skip
+                ref += nodes.literal(module, module)
+                line = nodes.paragraph()
+                line += ref
+                line += nodes.Text(": ")
+                for index, piece in enumerate(re.split(r"`([^`]+)`", summary)):
+                    line += nodes.literal(piece, piece) if index % 2 else nodes.Text(piece)
+                listing += nodes.list_item("", line)
+            return [listing]
+
+    return ModuleSummaries
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,6 +788,11 @@ def _config_inited(app, config) -> None:
     write_api_pages(root)
     version = book_version(root)
     config.version = config.release = version
+    # Citations and canonical links name this release's own address (html.baseurl + v<version>/).
+    config.ftcourse_site_url = config.html_baseurl
+    if config.html_baseurl:
+        config.html_baseurl = versioned_base(config.html_baseurl, version)
+    config.html_static_path = [*config.html_static_path, str(SITE_STATIC)]
     options = dict(config.html_theme_options or {})
     footer = options.get("extra_footer") or ""
     repository = (options.get("repository_url") or "").rstrip("/")
@@ -626,9 +878,15 @@ def _cite_box(app, pagename, templatename, context, doctree) -> None:
     title = app.env.titles[pagename].astext() if pagename in app.env.titles else context.get("title", "")
     url = page_url(app.config.html_baseurl, app.builder.get_target_uri(pagename))
     box = cite_box_html(meta, number, title, url, pagename)
-    body = context["body"]
+    body, permalinks = add_section_cites(
+        context["body"], meta, app.config.html_baseurl, app.builder.get_target_uri(pagename), pagename
+    )
     end = body.find("</h1>")
     context["body"] = body[: end + 5] + "\n" + box + body[end + 5 :] if end >= 0 else box + body
+    for path, (target, heading) in permalinks.items():  # cite/sec-24-3.html -> ../book/part5/x.html#a
+        page = Path(app.outdir) / path
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(permalink_html("../" + target, heading), encoding="utf-8")
 
 
 def _single_page_parts(app, doctree, docname) -> None:
@@ -666,6 +924,38 @@ def _single_page_index(app, exception) -> None:
         return
     outdir = Path(app.outdir)
     shutil.copyfile(outdir / f"{app.config.root_doc}.html", outdir / "index.html")
+
+
+def _root_page_and_versions(app, exception) -> None:
+    """The HTML build's index.html (a redirect to the first page) gets a title and the icon, and the
+    build gets a versions.json listing itself, for the version switcher when it is served on its own."""
+    if exception is not None or app.builder.format != "html":
+        return
+    outdir = Path(app.outdir)
+    index = outdir / "index.html"
+    if app.builder.name == "html" and app.config.root_doc != "index" and index.is_file():
+        target = app.builder.get_target_uri(app.config.root_doc)
+        index.write_text(redirect_html(target, app.config.html_title, "_static/logo.svg"), encoding="utf-8")
+    (outdir / VERSIONS_FILE).write_text(versions_json([app.config.version], app.config.version), "utf-8")
+
+
+def _search_terms(app, doctree) -> None:
+    """Index entries (`ftcourse_search_terms` in _config.yml) for the page that teaches a term, so that a
+    search for it lists that page first; each entry points at the first section that uses the term, and
+    the page itself is not changed."""
+    from docutils import nodes
+    from sphinx import addnodes
+
+    terms = (app.config.ftcourse_search_terms or {}).get(app.env.docname)
+    sections = [s for s in doctree.findall(nodes.section) if s["ids"]]
+    if not terms or not sections:
+        return
+    for term in terms:
+        using = [s for s in sections[1:] if term.lower() in s.astext().lower()] or sections[:1]
+        section = using[0]
+        # An index node inside the section, targeting the section's own id: the search page quotes the
+        # section's text under the result (an empty target would leave it nothing to quote).
+        section.insert(1, addnodes.index(entries=[("single", term, section["ids"][0], "main", None)]))
 
 
 def _read_quoting_pages_last(app, env, docnames: list[str]) -> None:
@@ -743,6 +1033,13 @@ def setup(app) -> dict:
     app.connect("env-before-read-docs", _read_quoting_pages_last)
     app.connect("doctree-resolved", _no_unmeasured_page)
     app.connect("build-finished", _single_page_index, priority=900)  # after sphinx-external-toc's redirect
+    app.connect("build-finished", _root_page_and_versions, priority=900)
+    app.add_config_value("ftcourse_search_terms", {}, "env", types=[dict])
+    app.add_config_value("ftcourse_site_url", "", "html", types=[str])
+    app.connect("doctree-read", _search_terms)
+    app.add_directive("ftcourse-modules", _module_summaries_directive())
+    app.add_js_file("ftcourse-site.js", loading_method="defer")
+    app.add_css_file("ftcourse-site.css")
     _drop_thebe(app)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 

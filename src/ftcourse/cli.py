@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcourse.memory import add_fit_check_command
+from ftcourse.train import add_train_command
 
 DEFAULT_QUANTS = ("f16", "q8_0", "Q4_K_M")
 # Short prompts for --check: a ChatML turn and two plain continuations.
@@ -64,7 +65,7 @@ def add_export_command(commands: Any) -> None:
     export.set_defaults(run=run_export)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_export_command, add_fit_check_command]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_export_command, add_fit_check_command, add_train_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def check_files(hf_dir: str | Path, gguf_files: dict[str, Path] | Iterable[Path]) -> bool:
     """Compare each GGUF file with transformers, print PASS/FAIL per file; True when all pass."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftcourse.gguf import ExportError
@@ -114,7 +116,9 @@ def check_files(hf_dir: str | Path, gguf_files: dict[str, Path] | Iterable[Path]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar for loading the model is noise between the PASS/FAIL lines
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    # The reference in float32, whatever config.json's dtype: transformers 5 loads in that dtype by default,
+    # and a bf16 reference is itself off by more than --check allows an f16 file (0.11 against 0.05).
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     all_pass = True
     for quant, path in gguf_files.items():

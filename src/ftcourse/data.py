@@ -8,8 +8,11 @@ on spark from the hub. The code downstream sees the same columns whichever profi
 
 from __future__ import annotations
 
+import codecs
+import copy
 import csv
 import hashlib
+import io
 import json
 import random
 from collections import defaultdict
@@ -21,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from ftcourse.evaluate import exchanges, normalize
 from ftcourse.profiles import Profile, active_profile, resolve_dataset
 from ftcourse.toy.tasks import FAMILIES, Task, build_tasks
 
@@ -32,7 +34,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "feedback": ("prompt", "completion", "label"),
 }
 ROLES = ("system", "user", "assistant")
-FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+FILE_TYPES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")  # and folders written by Dataset.save_to_disk
 
 # --- records from the task world ---------------------------------------------------------------------
 
@@ -223,16 +225,70 @@ def messages_to_alpaca(record: Mapping[str, Any], drop_system: bool = False) -> 
     return {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
 
 
-def sharegpt_to_messages(record: Mapping[str, Any]) -> dict[str, Any]:
-    """A ShareGPT record (`conversations` of from/value, human/gpt) as a `messages` record."""
-    names = {
-        "system": "system",
-        "human": "user",
-        "user": "user",
-        "gpt": "assistant",
-        "assistant": "assistant",
+# ShareGPT speaker names seen on the hub, and the role each one is (extend with `speakers=`).
+SHAREGPT_SPEAKERS: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+}
+
+
+def sharegpt_to_messages(
+    record: Mapping[str, Any],
+    speakers: Mapping[str, str] | None = None,
+    source: str = "records",
+    row: int = 1,
+) -> dict[str, Any]:
+    """A ShareGPT record (`conversations` of from/value) as a `messages` record, speakers mapped to roles.
+
+    TRL's `maybe_convert_to_chatml` renames the keys (from/value to role/content); it keeps the speaker
+    names, which chat templates do not know, so each is mapped through SHAREGPT_SPEAKERS (plus `speakers`).
+    An unknown speaker raises DataError naming `source`, `row` and the turn.
+    """
+    from trl.data_utils import maybe_convert_to_chatml
+
+    names = {**SHAREGPT_SPEAKERS, **(speakers or {})}
+    converted = maybe_convert_to_chatml(copy.deepcopy(dict(record)))  # it renames in place
+    turns = converted.get("messages")
+    if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+        expected = "a list of {from, value} turns"
+        raise DataError([Problem(source, row, "conversations", expected, _kind(turns))])
+    messages = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("role")
+        if not isinstance(speaker, str) or speaker.strip().lower() not in names:
+            found = f"{_kind(speaker)}; pass speakers={{{speaker!r}: 'assistant'}} (or 'user', 'system')"
+            expected = f"a speaker name, one of {sorted(names)}"
+            raise DataError([Problem(source, row, f"conversations[{i}].from", expected, found)])
+        messages.append({"role": names[speaker.strip().lower()], "content": turn.get("content")})
+    return {"messages": messages}
+
+
+def messages_to_prompt_completion(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A `messages` record as TRL's conversational prompt/completion: earlier turns, then the last reply."""
+    turns = list(record["messages"])
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ValueError(f"a conversation must end with an assistant reply to split off; roles are "
+                         f"{[m['role'] for m in turns]}")  # fmt: skip
+    return {"prompt": turns[:-1], "completion": turns[-1:]}
+
+
+def as_conversational(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A standard-form preference or feedback record (plain strings) in conversational form.
+
+    The prompt becomes a user turn and each reply an assistant turn, so the model's chat template applies
+    to preference training exactly as it does to SFT. Fields already in conversational form are kept.
+    """
+    roles = {"prompt": "user", "chosen": "assistant", "rejected": "assistant", "completion": "assistant"}
+    return {
+        k: [{"role": roles[k], "content": v}] if k in roles and isinstance(v, str) else v
+        for k, v in record.items()
     }
-    return {"messages": [{"role": names[t["from"]], "content": t["value"]} for t in record["conversations"]]}
 
 
 def assistant_mask(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[tuple[str, int, bool]]:
@@ -359,6 +415,52 @@ def _check_turns(
         )
 
 
+def _check_order(problems: list[Problem], where: tuple[str, int], name: str, turns: list[dict]) -> None:
+    """Roles in chat order: a system turn only first, then user and assistant taking turns, user first."""
+    roles = [turn["role"] for turn in turns]
+    for i, role in enumerate(roles):
+        previous = roles[i - 1] if i > 0 and roles[i - 1] != "system" else None
+        if role == "system" and i > 0:
+            expected, found = "a system turn only at the start", f"'system' at position {i}"
+        elif role != "system" and previous is None and role != "user":
+            expected, found = "a user turn before the assistant replies", f"{role!r} first"
+        elif role != "system" and previous == role:
+            expected, found = "user and assistant taking turns", f"{role!r} twice in a row at position {i}"
+        else:
+            continue
+        problems.append(Problem(*where, name, expected, f"{found}, roles {roles}"))
+        return
+
+
+def _check_pair_form(
+    problems: list[Problem], where: tuple[str, int], record: Mapping[str, Any], replies: Sequence[str]
+) -> None:
+    """Prompt and replies in one form (all text or all messages); replies hold assistant turns only."""
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        _check_order(problems, where, "prompt", prompt)
+    for name in replies:
+        reply = record[name]
+        if isinstance(prompt, list) != isinstance(reply, list):
+            forms = ("a list of {role, content} messages, like the prompt", "plain text")
+            problems.append(Problem(*where, name, *(forms if isinstance(prompt, list) else forms[::-1])))
+            continue
+        if isinstance(reply, list) and any(turn["role"] != "assistant" for turn in reply):
+            problems.append(
+                Problem(
+                    *where,
+                    name,
+                    "assistant turns only (the prompt lives in 'prompt')",
+                    f"roles {[turn['role'] for turn in reply]}: the prompt repeated inside the reply; "
+                    "load the file with layout='preference-implicit' to split it off",
+                )
+            )
+            continue
+        asked = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        if normalize(_turn_text(reply)) == normalize(asked):
+            problems.append(Problem(*where, name, "a reply to the user's turn", "the user's turn repeated"))
+
+
 def _turn_or_text(problems: list[Problem], where: tuple[str, int], name: str, value: Any, last: str) -> None:
     """A field that may be plain text (standard form) or a list of messages (conversational form)."""
     if isinstance(value, str):
@@ -416,15 +518,14 @@ def check_record(
         _check_text(problems, where, "output", record["output"])
     elif schema == "messages":
         _check_turns(problems, where, "messages", record["messages"], "assistant")
-        roles = [m["role"] for m in record["messages"]] if not problems else []
-        if roles and "user" not in roles:
-            problems.append(
-                Problem(*where, "messages", "a user turn before the assistant replies", f"roles {roles}")
-            )
+        if not problems:
+            _check_order(problems, where, "messages", record["messages"])
     elif schema == "preference":
         _turn_or_text(problems, where, "prompt", record["prompt"], "user")
         _turn_or_text(problems, where, "chosen", record["chosen"], "assistant")
         _turn_or_text(problems, where, "rejected", record["rejected"], "assistant")
+        if not problems:
+            _check_pair_form(problems, where, record, ("chosen", "rejected"))
         if not problems and record["chosen"] == record["rejected"]:
             problems.append(
                 Problem(*where, "rejected", "a reply different from chosen", "the same reply as chosen")
@@ -432,8 +533,17 @@ def check_record(
     else:
         _turn_or_text(problems, where, "prompt", record["prompt"], "user")
         _turn_or_text(problems, where, "completion", record["completion"], "assistant")
+        if not problems:
+            _check_pair_form(problems, where, record, ("completion",))
         if not isinstance(record["label"], bool):
-            problems.append(Problem(*where, "label", "a boolean (true or false)", _kind(record["label"])))
+            problems.append(
+                Problem(
+                    *where,
+                    "label",
+                    "a boolean (true or false; see formats.LABEL_WORDS)",
+                    _kind(record["label"]),
+                )
+            )
     if not problems and tokenizer is not None and max_length is not None:
         n = _prompt_tokens(tokenizer, record, schema)
         if n >= max_length:
@@ -491,56 +601,149 @@ def _csv_value(name: str, text: str | None) -> Any:
     return text
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """The rows of a JSON (a list), JSONL, CSV or Parquet file as (row number, raw record)."""
-    path = Path(path).expanduser()
-    if path.suffix not in FILE_TYPES:
+def decode_text(raw: bytes, source: str, encoding: str | None = None, rows_start: int = 0) -> tuple[str, str]:
+    """File bytes as text and the encoding used: `encoding` if given, else a BOM's, else strict UTF-8.
+
+    A BOM settles it (Excel writes UTF-8 with one, Windows tools UTF-16). Without one the file must be UTF-8;
+    anything else is refused with the byte, its line and row, since Latin-1 and Windows-1252 cannot be told
+    apart from the bytes alone. `rows_start` is the line of the first row (1 for a CSV header), for the row.
+    """
+    if encoding is None:
+        for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                          (codecs.BOM_UTF16_BE, "utf-16")):  # fmt: skip
+            if raw.startswith(bom):
+                encoding = name
+                break
+    try:
+        text = raw.decode(encoding or "utf-8")
+        if encoding is None and "\x00" in text[:1000]:  # ASCII in UTF-16 is valid UTF-8 with a NUL per char
+            found = (
+                "NUL characters: it looks like UTF-16 without a byte-order mark; pass encoding='utf-16-le'"
+            )
+            raise DataError([Problem(source, 1, "<encoding>", "UTF-8 text", found)])
+        return text, encoding or "utf-8"
+    except (UnicodeDecodeError, LookupError) as error:
+        if isinstance(error, LookupError):
+            raise ValueError(
+                f"{source}: unknown encoding {encoding!r}; try 'utf-8', 'latin-1' or 'utf-16'"
+            ) from error
+        line = raw[: error.start].count(b"\n") + 1
+        context = raw[max(0, error.start - 20) : error.start + 4]
+        hint = (
+            "it looks like UTF-16 without a byte-order mark: pass encoding='utf-16-le'"
+            if raw[1::2].count(0) > len(raw) // 4
+            else "if it was saved as Latin-1 or Windows-1252 (Excel on Windows), pass encoding='cp1252' "
+            "(on the command line: --encoding cp1252), or save it as UTF-8"
+        )
+        found = f"byte 0x{raw[error.start]:02x} at byte offset {error.start} (line {line}, after {context!r})"
+        found += f"; {hint}"
+        raise DataError([Problem(source, max(1, line - rows_start), "<encoding>",
+                                 f"{encoding or 'UTF-8'} text", found)]) from error  # fmt: skip
+
+
+def _json_rows(text: str, source: str) -> Iterator[tuple[int, Any]]:
+    """The rows of a JSON list."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            [Problem(source, 0, "<file>", "a JSON list of objects", f"invalid JSON: {error}")]
+        ) from error
+    if isinstance(rows, dict) and len(rows) == 1 and next(iter(rows)) in ("data", "train", "rows"):
+        rows = next(iter(rows.values()))  # {"data": [...]}: the whole list under one wrapper key
+    if not isinstance(rows, list):
+        raise DataError([Problem(source, 0, "<file>", "a JSON list of objects", _kind(rows))])
+    yield from enumerate(rows, start=1)
+
+
+def _jsonl_rows(text: str, source: str) -> Iterator[tuple[int, Any]]:
+    """The rows of a JSON-lines text, blank lines skipped."""
+    row = 0
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row += 1
+        try:
+            yield row, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                [
+                    Problem(
+                        source,
+                        row,
+                        "<line>",
+                        "one JSON object per line",
+                        f"invalid JSON on line {line_number}: {error.msg}",
+                    )
+                ]  # fmt: skip
+            ) from error
+
+
+def _csv_rows(text: str, source: str, delimiter: str | None) -> Iterator[tuple[int, Any]]:
+    """The rows of a CSV/TSV text; the delimiter is sniffed from the header when not given."""
+    if delimiter is None:
+        header = text.split("\n", 1)[0]
+        delimiter = max(",;\t", key=header.count)  # Excel in many European locales writes ';'
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    for row, raw in enumerate(reader, start=1):
+        if None in raw:  # more cells than the header has columns
+            raw["<unnamed columns>"] = raw.pop(None)
+        yield row, {k: _csv_value(k, v) for k, v in raw.items()}
+
+
+def _saved_dataset_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
+    """The rows of a folder written by `Dataset.save_to_disk` (a DatasetDict: the split `split`)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError as error:
         raise ValueError(
-            f"{path}: expected a file ending in one of {list(FILE_TYPES)}, found {path.suffix!r}"
+            f"{path}: a folder, but not one written by Dataset.save_to_disk ({error}); give a file instead"
+        ) from error
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path}: a DatasetDict without the split {split!r}; it has {list(dataset)}")
+        dataset = dataset[split]
+    yield from enumerate(dataset.to_list(), start=1)
+
+
+def read_rows(
+    path: str | Path, encoding: str | None = None, split: str = "train"
+) -> Iterator[tuple[int, Any]]:
+    """The rows of a JSON (a list), JSONL, CSV/TSV or Parquet file, or a saved `datasets` folder, numbered.
+
+    Text files are decoded by `decode_text` (BOMs honoured, non-UTF-8 bytes refused with their position).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        yield from _saved_dataset_rows(path, split)
+        return
+    if path.suffix.lower() not in FILE_TYPES:
+        raise ValueError(
+            f"{path}: expected a file ending in one of {list(FILE_TYPES)} or a saved datasets folder, "
+            f"found {path.suffix!r}"
         )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".jsonl":
-        row = 0
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                row += 1
-                try:
-                    yield row, json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(
-                        [
-                            Problem(
-                                str(path),
-                                row,
-                                "<line>",
-                                "one JSON object per line",
-                                f"invalid JSON on line {line_number}: {error.msg}",
-                            )
-                        ]
-                    ) from error
-    elif path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise DataError(
-                [Problem(str(path), 0, "<file>", "a JSON list of objects", f"invalid JSON: {error}")]
-            ) from error
-        if not isinstance(rows, list):
-            raise DataError([Problem(str(path), 0, "<file>", "a JSON list of objects", _kind(rows))])
-        yield from enumerate(rows, start=1)
-    elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            for row, raw in enumerate(csv.DictReader(handle), start=1):
-                if None in raw:  # more cells than the header has columns
-                    raw["<unnamed columns>"] = raw.pop(None)
-                yield row, {k: _csv_value(k, v) for k, v in raw.items() if v is not None or k in raw}
-    else:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        return
+    source = str(path)
+    text, _ = decode_text(
+        path.read_bytes(), source, encoding, rows_start=1 if suffix in (".csv", ".tsv") else 0
+    )
+    if suffix == ".jsonl":
+        yield from _jsonl_rows(text, source)
+    elif suffix == ".json":
+        yield from _json_rows(text, source)
+    else:
+        yield from _csv_rows(text, source, "\t" if suffix == ".tsv" else None)
 
 
 def load_file(
@@ -550,9 +753,10 @@ def load_file(
     tokenizer: Any = None,
     max_length: int | None = None,
     collect: bool = False,
+    encoding: str | None = None,
 ) -> LoadReport:
-    """Records of `schema` from a JSON/JSONL/CSV/Parquet file, every row checked (see validate_records)."""
-    rows = [record for _, record in read_rows(path)]
+    """Records of `schema` from a JSON/JSONL/CSV/TSV/Parquet file or folder, every row checked."""
+    rows = [record for _, record in read_rows(path, encoding)]
     return validate_records(
         rows, schema, str(path), tokenizer=tokenizer, max_length=max_length, collect=collect
     )
@@ -569,6 +773,34 @@ def write_jsonl(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
 
 
 # --- cleaning ----------------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lower case, with every run of whitespace turned into one space: leaks survive reformatting."""
+    return " ".join(text.lower().split())
+
+
+def _turn_text(turn: Any) -> str:
+    """The text of a turn: the string itself, or the content of its last message."""
+    return turn if isinstance(turn, str) else turn[-1]["content"]
+
+
+def exchanges(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (user prompt, reply) pairs of a training record in any of the four schemas."""
+    if "messages" in record:
+        turns = record["messages"]
+        return [
+            (turn["content"], turns[i + 1]["content"] if i + 1 < len(turns) else "")
+            for i, turn in enumerate(turns)
+            if turn["role"] == "user"
+        ]
+    if "instruction" in record:
+        prompt = (
+            f"{record['instruction']}\n{record['input']}" if record.get("input") else record["instruction"]
+        )
+        return [(prompt, record.get("output", ""))]
+    reply = record.get("chosen", record.get("completion", ""))
+    return [(_turn_text(record["prompt"]), _turn_text(reply) if reply else "")]
 
 
 def record_text(record: Mapping[str, Any]) -> str:
@@ -779,3 +1011,159 @@ def feedback_rows(rated: Sequence[Mapping[str, Any]], liked_at: float = 0.5) -> 
         for row in rated
         for reply in row["responses"]
     ]
+
+
+# --- the data report before training ------------------------------------------------------------------
+
+TRUNCATION_LIMIT = 0.05  # the share of rows a run may cut at max_length unless truncation is allowed
+REPORT_LENGTHS = (128, 256, 512, 1024, 2048, 4096)  # the max_length values the report tabulates
+
+
+class TruncationError(ValueError):
+    """Raised when more than the allowed share of rows is longer than max_length."""
+
+
+def sequence_lengths(records: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[int]:
+    """Tokens each record puts through the model, after the chat template (TRL's maybe_apply_chat_template).
+
+    A pair counts its prompt and the longer of its two replies: the trainer cuts each side at max_length.
+    """
+    from trl.data_utils import maybe_apply_chat_template
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote any BOS
+
+    lengths = []
+    for record in records:
+        texts = maybe_apply_chat_template(dict(record), tokenizer)
+        if "text" in texts:
+            lengths.append(count(texts["text"]))
+        else:
+            replies = [count(texts[k]) for k in ("chosen", "rejected", "completion") if k in texts]
+            lengths.append(count(texts["prompt"]) + max(replies))
+    return lengths
+
+
+@dataclass
+class DataReport:
+    """What a training file holds before any training: rows, duplicates, problems, labels, token lengths."""
+
+    source: str
+    schema: str
+    rows: int
+    duplicates: int  # rows that repeat an earlier row exactly (after lower-casing and collapsing spaces)
+    problems: list[Problem]
+    labels: dict[str, int]  # KTO: liked / disliked rows
+    lengths: list[int]  # tokens per valid row with the model's chat template
+    max_length: int
+
+    def truncated(self, max_length: int | None = None) -> tuple[int, int]:
+        """(rows longer than max_length, tokens beyond it, summed): what the trainer would cut."""
+        limit = self.max_length if max_length is None else max_length
+        over = [n - limit for n in self.lengths if n > limit]
+        return len(over), sum(over)
+
+    @property
+    def truncated_share(self) -> float:
+        """The share of valid rows longer than the run's max_length."""
+        return self.truncated()[0] / len(self.lengths) if self.lengths else 0.0
+
+    def problem_counts(self) -> dict[str, int]:
+        """Problem rows per kind (field and what was expected)."""
+        kinds: dict[str, int] = defaultdict(int)
+        for problem in self.problems:
+            kinds[f"{problem.field.split('[')[0]}: expected {problem.expected}"] += 1
+        return dict(kinds)
+
+    def truncation_table(self) -> list[dict[str, int]]:
+        """For each max_length of REPORT_LENGTHS (and the run's): rows cut and tokens lost."""
+        limits = sorted({*REPORT_LENGTHS, self.max_length})
+        return [{"max_length": m, **dict(zip(("rows cut", "tokens lost"), self.truncated(m), strict=True))}
+                for m in limits]  # fmt: skip
+
+    def table(self) -> str:
+        """The report as plain text."""
+        lines = [f"data report: {self.source} ({self.schema})", f"  rows: {self.rows}"]
+        lines.append(f"  exact duplicates: {self.duplicates}")
+        lines += [f"  problem rows, {kind}: {n}" for kind, n in self.problem_counts().items()]
+        lines += [f"    {problem}" for problem in self.problems[:3]]
+        if self.labels:
+            lines.append("  labels: " + ", ".join(f"{k} {v}" for k, v in self.labels.items()))
+        if self.lengths:
+            lines.append(
+                f"  tokens per row (chat template): min {min(self.lengths)}, median "
+                f"{int(np.median(self.lengths))}, max {max(self.lengths)}"
+            )
+            for row in self.truncation_table():
+                mark = "  <- this run" if row["max_length"] == self.max_length else ""
+                lines.append(
+                    f"    max_length {row['max_length']:>5}: {row['rows cut']:>4} rows cut, "
+                    f"{row['tokens lost']:>6} tokens lost{mark}"
+                )
+        return "\n".join(lines)
+
+
+def _normalized(value: Any) -> Any:
+    """Every string inside `value` normalised (lower case, spaces collapsed)."""
+    if isinstance(value, str):
+        return normalize(value)
+    if isinstance(value, Mapping):
+        return {k: _normalized(v) for k, v in value.items()}
+    return [_normalized(v) for v in value] if isinstance(value, list) else value
+
+
+def _row_key(record: Mapping[str, Any]) -> str:
+    """A record as normalised text: two rows with the same key are exact duplicates."""
+    return json.dumps(_normalized(record), sort_keys=True, ensure_ascii=False)
+
+
+def data_report(
+    records: Sequence[Mapping[str, Any]],
+    schema: str,
+    tokenizer: Any,
+    max_length: int,
+    source: str = "records",
+    problems: Sequence[Problem] = (),
+) -> DataReport:
+    """The report on valid `records` (and the `problems` of the rows that were not valid)."""
+    keys = [_row_key(r) for r in records]
+    labels: dict[str, int] = {}
+    if schema == "feedback":
+        liked = sum(bool(r["label"]) for r in records)
+        labels = {"liked": liked, "disliked": len(records) - liked}
+    return DataReport(
+        source,
+        schema,
+        len(records) + len({p.row for p in problems}),
+        len(keys) - len(set(keys)),
+        list(problems),
+        labels,
+        sequence_lengths(records, tokenizer),
+        max_length,
+    )
+
+
+def drop_duplicates(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The records without exact repeats (first copy kept): a repeat split off as held out would leak."""
+    seen: set[str] = set()
+    kept = []
+    for record in records:
+        key = _row_key(record)
+        if key not in seen:
+            seen.add(key)
+            kept.append(dict(record))
+    return kept
+
+
+def check_truncation(report: DataReport, allow: bool = False, limit: float = TRUNCATION_LIMIT) -> None:
+    """Raise TruncationError when more than `limit` of the rows would be cut at max_length, unless `allow`."""
+    rows, tokens = report.truncated()
+    if allow or report.truncated_share <= limit:
+        return
+    raise TruncationError(
+        f"{report.source}: {rows} of {len(report.lengths)} rows ({report.truncated_share:.0%}) are longer "
+        f"than max_length={report.max_length} tokens with the chat template; training would cut them and "
+        f"lose {tokens} tokens. The limit is {limit:.0%} of rows. Raise max_length (the longest row has "
+        f"{max(report.lengths)} tokens), shorten or drop the long rows, or allow it explicitly "
+        "(allow_truncation=True, on the command line --allow-truncation)."
+    )

@@ -5,7 +5,8 @@
 The direction is a LoRA-adapted matrix normalised row by row; the magnitude `m` is one trainable number
 per output feature. As in the paper (§4.3) and in peft, the norm is treated as a constant in the
 backward pass: it is computed with the LoRA weight detached and is itself detached, which saves memory
-and changes the gradients only slightly. `magnitude_direction_change` is the paper's ΔM/ΔD analysis.
+and changes the gradients only slightly. `magnitude_direction_change` is the paper's ΔM/ΔD analysis;
+`length_direction_coupling` measures, row by row, whether length and direction moved together.
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def magnitude_direction_change(W0: torch.Tensor, W: torch.Tensor) -> tuple[float
     delta_m = (torch.linalg.vector_norm(W, dim=1) - torch.linalg.vector_norm(W0, dim=1)).abs().mean()
     delta_d = (1 - F.cosine_similarity(W, W0, dim=1)).mean()
     return float(delta_m), float(delta_d)
+
+
+def length_direction_coupling(W0: torch.Tensor, W: torch.Tensor) -> float:
+    """Across the output rows of one layer: Pearson correlation of relative length change and angle turned.
+
+    Near 1, the rows that turned most also grew most (length and direction move together, as when one
+    low-rank update carries both); near 0, the lengths moved independently of the turning. NaN when no row
+    turned or no length changed.
+    """
+    if W0.shape != W.shape or W0.ndim != 2:
+        raise ValueError(f"need two weight matrices of one shape, got {tuple(W0.shape)} and {tuple(W.shape)}")
+    W0, W = W0.double(), W.double()
+    norm0 = torch.linalg.vector_norm(W0, dim=1)
+    length = (torch.linalg.vector_norm(W, dim=1) - norm0) / norm0  # (out,): relative change of row length
+    angle = torch.arccos(F.cosine_similarity(W, W0, dim=1).clamp(-1.0, 1.0))  # (out,): radians turned
+    if length.std() == 0 or angle.std() == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([length, angle]))[0, 1])
 
 
 def effective_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from ftcourse.data import exchanges, normalize  # noqa: F401 (re-exported: chapters call evaluate.normalize)
 from ftcourse.profiles import Profile, active_profile, note_skip, resolve_dataset, resolve_model
 from ftcourse.reward import Turn, reward_judge, reward_scores, turn_text
 from ftcourse.toy import model_dir
@@ -233,6 +234,25 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * _binomial_cdf(min(only_a, only_b), n, 0.5))
 
 
+def _check_pairs(
+    values_a: Sequence[Any], values_b: Sequence[Any], labels: Sequence[Any] | None = None
+) -> None:
+    """Raise a ValueError unless A and B give one value each per answer (and `labels` one label each)."""
+    if len(values_a) != len(values_b):
+        raise ValueError(
+            f"a paired comparison needs one value of A and one of B per answer, on the same items in the "
+            f"same order; got {len(values_a)} and {len(values_b)}. Pool seeds by concatenating each model's "
+            "values in the same question order."
+        )
+    if len(values_a) == 0:
+        raise ValueError("a paired comparison needs at least one item")
+    if labels is not None and len(labels) != len(values_a):
+        raise ValueError(
+            f"need one question (or cluster) label per answer; got {len(labels)} labels for "
+            f"{len(values_a)} answers"
+        )
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """Two models scored on the same items: accuracies, discordant counts, interval of A - B, McNemar p."""
@@ -261,12 +281,7 @@ def paired_comparison(
     seed: int = 0,
 ) -> PairedComparison:
     """A PairedComparison of two models' hits on the same items (bootstrap over `clusters` when given)."""
-    if len(hits_a) != len(hits_b):
-        raise ValueError(
-            f"a paired comparison needs the same items: got {len(hits_a)} and {len(hits_b)} hits"
-        )
-    if not hits_a:
-        raise ValueError("a paired comparison needs at least one item")
+    _check_pairs(hits_a, hits_b, clusters)
     a, b = np.asarray(hits_a, dtype=float), np.asarray(hits_b, dtype=float)
     # Resampling item *pairs* keeps what both models share (easy items, hard items): the differences vary
     # far less than two separate accuracies do, which is why a paired test sees what two intervals hide.
@@ -374,13 +389,7 @@ def paired_difference(
     seed: int = 0,
 ) -> Difference:
     """A - B paired by question: average each question's seeds and repeats, then bootstrap over questions."""
-    if len(values_a) != len(values_b):
-        raise ValueError(
-            f"a paired comparison needs one value of A and one of B per answer; got {len(values_a)} and "
-            f"{len(values_b)}. Pool seeds by concatenating each model's values in the same question order."
-        )
-    if len(values_a) == 0:
-        raise ValueError("a paired comparison needs at least one question")
+    _check_pairs(values_a, values_b, questions)
     labels = list(questions) if questions is not None else list(range(len(values_a)))
     means_a = np.array(list(question_means(values_a, labels).values()))
     means_b = np.array(list(question_means(values_b, labels).values()))
@@ -881,29 +890,6 @@ def available_judge(tokenizer: Any, profile: Profile | None = None, **train_kwar
 # ---------------------------------------------------------------------------------------------------------
 # Contamination
 # ---------------------------------------------------------------------------------------------------------
-
-
-def normalize(text: str) -> str:
-    """Lower case, with every run of whitespace turned into one space: leaks survive reformatting."""
-    return " ".join(text.lower().split())
-
-
-def exchanges(record: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The (user prompt, reply) pairs of a training record in any of the four schemas."""
-    if "messages" in record:
-        turns = record["messages"]
-        return [
-            (turn["content"], turns[i + 1]["content"] if i + 1 < len(turns) else "")
-            for i, turn in enumerate(turns)
-            if turn["role"] == "user"
-        ]
-    if "instruction" in record:
-        prompt = (
-            f"{record['instruction']}\n{record['input']}" if record.get("input") else record["instruction"]
-        )
-        return [(prompt, record.get("output", ""))]
-    reply = record.get("chosen", record.get("completion", ""))
-    return [(turn_text(record["prompt"]), turn_text(reply) if reply else "")]
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,21 @@
 Each step lives in its own module (`merge`, `gguf`, `llamacpp`, `ollama`); this one only runs them in
 order. Every input and option is checked before the first byte is written, and the export folder is
 written as a set: it is built beside OUT_DIR and renamed into place, so an interrupted or failed run
-leaves the previous export as it was, and a finished one never mixes old and new files.
+leaves the previous export as it was, and a finished one never mixes old and new files. One export at a
+time writes a folder (a lock file beside it); the next run removes hidden staging folders that a killed
+run left behind, and recovers an earlier export that a crash between the two renames left hidden.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,12 +87,39 @@ def _check_source(model_or_dir: Any, tokenizer: Any, base_model_dir: str | os.Pa
             except ExportError as error:
                 raise ExportError(f"The --base folder cannot be used: {error}") from error
     else:
+        if base_model_dir is not None:
+            raise ExportError(
+                f"--base is for an adapter folder, but {path} is a plain model folder (it has no "
+                f"{merge.ADAPTER_CONFIG}), so the base would be ignored. Drop --base, or give the adapter "
+                f"folder."
+            )
         check_model_dir(path)  # before any work, fail if the folder cannot be exported
+
+
+def resolve_out_dir(out_dir: str | os.PathLike) -> Path:
+    """OUT_DIR as an absolute path; a symbolic link is followed, so the link keeps pointing at the export."""
+    given = Path(out_dir).expanduser()
+    if given.is_symlink():
+        target = given.resolve()
+        if not target.exists():
+            raise ExportError(
+                f"The output folder {given} is a symbolic link to {os.readlink(given)}, which does not "
+                f"exist: create that folder, or remove the link and give a folder name."
+            )
+        given = target  # the export replaces the target folder; the link stays and points at it
+    absolute = Path(os.path.abspath(given))
+    here = Path.cwd()
+    if not absolute.name or absolute == here or absolute in here.parents:
+        raise ExportError(
+            f"The output folder {str(out_dir)!r} is the current folder or one above it. The export replaces "
+            f"its folder as a whole (renaming a new one into place): give a folder name such as ./export."
+        )
+    return absolute
 
 
 def check_out_dir(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike] = ()) -> Path:
     """OUT_DIR as a Path after checking it can take an export; raises ExportError saying why not."""
-    out_dir = Path(out_dir).expanduser()
+    out_dir = resolve_out_dir(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"The output folder {out_dir} is a file; give a folder name.")
     for source in sources:
@@ -108,6 +141,68 @@ def check_out_dir(out_dir: str | os.PathLike, sources: Sequence[str | os.PathLik
     except OutputError as error:
         raise ExportError(str(error)) from error
     return out_dir
+
+
+@contextmanager
+def export_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the lock file beside out_dir for one export; raises ExportError while another export holds it."""
+    lock_path = out_dir.with_name(f".{out_dir.name}.export-lock")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ExportError(
+                    f"Another export (process {holder}) is writing {out_dir} right now. Wait for it to "
+                    f"finish, or export into another folder."
+                ) from None
+            try:  # the holder before us may have removed the file after we opened it: lock the live one
+                if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as error:
+        raise ExportError(f"Cannot create the lock file {lock_path}: {error.strerror}.") from error
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _size_mib(path: Path) -> float:
+    """Bytes under path, in MiB."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def recover_stale_staging(out_dir: Path) -> list[str]:
+    """Remove the hidden staging folders killed exports left beside out_dir; restore a lost export. Notes."""
+    # atomic_folder builds .NAME.PID.partial, moves the old export to .NAME.PID.old, renames the stage to
+    # NAME and deletes .old. kill -9 leaves .partial (as big as the model); a crash between the two renames
+    # leaves the old export only as .old. Called under export_lock, so no live export owns these.
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.\d+\.(partial|old)")
+    stale = sorted(p for p in out_dir.parent.iterdir() if pattern.fullmatch(p.name))
+    notes = []
+    olds = [p for p in stale if p.name.endswith(".old") and (p / MANIFEST).is_file()]
+    if olds and not out_dir.exists():
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, out_dir)
+        stale.remove(newest)
+        notes.append(f"recovered the earlier export from {newest.name}, left by an export that stopped "
+                     f"between its two renames")  # fmt: skip
+    for path in stale:
+        size = _size_mib(path)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        notes.append(f"removed {path.name} ({size:.1f} MiB), left by an interrupted export")
+    return notes
 
 
 def _prepare_hf_dir(
@@ -145,8 +240,6 @@ def export_pipeline(
     progress: bool = True,
 ) -> ExportResult:
     """Merge (if PEFT) -> HF folder -> GGUF f16 -> q8_0 -> Q4_K_M -> Modelfile -> Ollama; what was written."""
-    from tqdm.auto import tqdm
-
     # 1. Every option and input is checked before any work.
     gguf_types = list(dict.fromkeys(["f16", *(llamacpp.check_quant_type(q) for q in quants)]))
     if ollama_name is not None and not OLLAMA_NAME.fullmatch(ollama_name):
@@ -158,9 +251,46 @@ def export_pipeline(
             raise ExportError(str(error)) from error
     _check_source(model_or_dir, tokenizer, base_model_dir)
     sources = [model_or_dir] if isinstance(model_or_dir, (str, os.PathLike)) else []
-    out_dir = check_out_dir(out_dir, sources + ([base_model_dir] if base_model_dir else []))
+    sources += [base_model_dir] if base_model_dir else []
+    out_dir = check_out_dir(out_dir, sources)
+    with export_lock(out_dir):
+        cleanup = recover_stale_staging(out_dir)
+        check_out_dir(out_dir, sources)  # again: a recovered export is now in place
+        try:
+            result = _export_locked(
+                model_or_dir, out_dir, gguf_types, tokenizer, base_model_dir, system_prompt, progress
+            )
+        except OSError as error:  # a full disk, a folder removed under us: the earlier export is untouched
+            full = " The disk is full: free space and run again." if error.errno == errno.ENOSPC else ""
+            raise ExportError(
+                f"Writing the export failed: {error.strerror or error}"
+                f"{f' ({error.filename})' if error.filename else ''}.{full} {out_dir} is as it was before "
+                f"the run."
+            ) from error
+    result.notes[:0] = cleanup
+    if ollama_name:
+        try:
+            result.ollama_model = ollama.register_with_ollama(
+                result.gguf_files.get("q8_0", result.gguf_files["f16"]), ollama_name, system=system_prompt
+            )
+        except ollama.OllamaUnavailable as error:
+            result.ollama_error = str(error)  # the files are written; only the registration is missing
+    return result
 
-    bar = tqdm(total=len(gguf_types) + 2 + bool(ollama_name), desc="export", disable=not progress)
+
+def _export_locked(
+    model_or_dir: Any,
+    out_dir: Path,
+    gguf_types: list[str],
+    tokenizer: Any,
+    base_model_dir: str | os.PathLike | None,
+    system_prompt: str | None,
+    progress: bool,
+) -> ExportResult:
+    """Steps 2 to 6 of export_pipeline, with out_dir checked and locked: the folder, written as a set."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(gguf_types) + 2, desc="export", disable=not progress)
     skipped = {}
     # 2. The folder is built beside out_dir and replaces it only when every file is written.
     with atomic_folder(out_dir) as stage:
@@ -188,21 +318,11 @@ def export_pipeline(
     def final(path: Path) -> Path:
         return out_dir / path.relative_to(stage) if path.is_relative_to(stage) else path
 
-    result = ExportResult(
+    bar.close()
+    return ExportResult(
         hf_dir=final(hf_dir),
         gguf_files={quant: final(path) for quant, path in written.items()},
         modelfile=out_dir / "Modelfile",
         skipped=skipped,
         notes=notes,
     )
-    if ollama_name:
-        bar.set_postfix_str("ollama")
-        try:
-            result.ollama_model = ollama.register_with_ollama(
-                final(served), ollama_name, system=system_prompt
-            )
-        except ollama.OllamaUnavailable as error:
-            result.ollama_error = str(error)  # the files are written; only the registration is missing
-        bar.update()
-    bar.close()
-    return result

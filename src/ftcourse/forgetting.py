@@ -10,6 +10,7 @@ text mixed into the data, and `early_stopped` picking the snapshot with the best
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,18 +32,24 @@ class ForgettingSizes:
     lora_learning_rate: float
     replay_fraction: float  # share of each batch that is pretraining text in the replay run
     max_length: int = 128
+    reply_tokens: int = 16  # tokens generated per answer; a reply is scored up to its first end of turn
 
 
 RUN_SIZES: dict[str, ForgettingSizes] = {
+    # 60 steps: where full fine-tuning at the middle rate and LoRA reach comparable task accuracy; four
+    # snapshots after step 0, so early stopping has a choice. 40 test questions (39 distinct items) and
+    # 24 documents (about 2,600 tokens) are the units of the paired tests. The toy's answers are one
+    # token: 3 reply tokens hold the answer, the end of the turn and a margin.
     "cpu": ForgettingSizes(
-        steps=30,
+        steps=60,
         batch_size=4,
-        every=10,
-        eval_per_family=5,
-        heldout_docs=4,
+        every=15,
+        eval_per_family=10,
+        heldout_docs=24,
         learning_rates=(3e-4, 1e-3, 3e-3),
         lora_learning_rate=3e-3,
         replay_fraction=0.25,
+        reply_tokens=3,
     ),
     "spark": ForgettingSizes(
         steps=400,
@@ -149,6 +156,12 @@ class Probe:
     test: tuple[Any, ...]
     validation: tuple[Any, ...]
     texts: tuple[str, ...]
+    reply_tokens: int = 16
+
+    @property
+    def items(self) -> tuple[str, ...]:
+        """The unit of each test question: its family and item (rephrasings of one item share a label)."""
+        return tuple(f"{task.family}/{task.item or task.prompt}" for task in self.test)
 
 
 def probe(
@@ -163,7 +176,98 @@ def probe(
         tuple(build_tasks("test", sizes.eval_per_family)),
         tuple(build_tasks("validation", sizes.eval_per_family)),
         tuple(texts),
+        sizes.reply_tokens,
     )
+
+
+@dataclass(frozen=True)
+class HeldOutNLL:
+    """Next-token NLL on held-out documents, kept per document and split at the line-break targets."""
+
+    nll: tuple[float, ...]  # mean NLL per predicted token, one per document (nats)
+    tokens: tuple[int, ...]  # tokens predicted, per document
+    break_nll: tuple[float, ...]  # summed NLL of the targets that are a line break, per document
+    breaks: tuple[int, ...]  # how many targets are a line break, per document
+    breaks_as_eos: tuple[int, ...] = ()  # line-break targets where the model's first choice is EOS
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the token-weighted mean NLL: the perplexity of all the documents' tokens together."""
+        return math.exp(self._total() / sum(self.tokens))
+
+    def _total(self) -> float:
+        return sum(nll * n for nll, n in zip(self.nll, self.tokens, strict=True))
+
+    @property
+    def at_breaks(self) -> float:
+        """Mean NLL of the line-break targets over all documents (nan when there are none)."""
+        return sum(self.break_nll) / sum(self.breaks) if sum(self.breaks) else float("nan")
+
+    @property
+    def elsewhere(self) -> float:
+        """Mean NLL of every other target over all documents."""
+        return (self._total() - sum(self.break_nll)) / (sum(self.tokens) - sum(self.breaks))
+
+    def elsewhere_per_document(self) -> tuple[float, ...]:
+        """Per document, the mean NLL of its targets that are not a line break."""
+        return tuple(
+            (nll * n - b) / (n - k)
+            for nll, n, b, k in zip(self.nll, self.tokens, self.break_nll, self.breaks, strict=True)
+        )
+
+    @property
+    def eos_at_breaks(self) -> float:
+        """The share of line-break targets at which the model's most likely next token is EOS."""
+        return sum(self.breaks_as_eos) / sum(self.breaks) if sum(self.breaks) else float("nan")
+
+    def share_at_breaks(self, before: HeldOutNLL) -> float:
+        """Of the rise in summed NLL since `before` (same documents), the share at line-break targets."""
+        rise = self._total() - before._total()
+        return (sum(self.break_nll) - sum(before.break_nll)) / rise if rise else float("nan")
+
+
+def document_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256, batch_size: int = 16
+) -> HeldOutNLL:
+    """Next-token NLL of `texts` per document, and the part of it at line-break targets."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+
+    # The same tokenization, truncation and right padding as evaluate.token_nll, kept per document: the
+    # document is the unit a paired test of perplexity resamples (its tokens are not independent).
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    break_id = newline[0] if len(newline) == 1 else None  # a tokenizer that merges line breaks: no split
+    device = getattr(model, "device", torch.device("cpu"))
+    means: list[float] = []
+    counts: list[int] = []
+    break_sums: list[float] = []
+    break_counts: list[int] = []
+    break_eos: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            rows = [torch.tensor(ids) for ids in encoded[start : start + batch_size]]
+            if any(len(row) < 2 for row in rows):
+                raise ValueError("every held-out document needs at least two tokens to predict one")
+            input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)
+            mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True).to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, T, V)
+            targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, T-1)
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+            )  # (B, T-1), 0 at padding
+            n = (targets != -100).sum(dim=1)  # (B,)
+            is_break = targets == (break_id if break_id is not None else -1)  # never true without an id
+            means += (nll.sum(dim=1) / n).tolist()
+            counts += n.tolist()
+            break_sums += (nll * is_break).sum(dim=1).tolist()
+            break_counts += is_break.sum(dim=1).tolist()
+            # After a chat turn's answer comes the end-of-sequence token; after a raw answer, a line break
+            first_choice = logits[:, :-1].argmax(dim=-1)  # (B, T-1)
+            break_eos += (is_break & (first_choice == tokenizer.eos_token_id)).sum(dim=1).tolist()
+    return HeldOutNLL(tuple(means), tuple(counts), tuple(break_sums), tuple(break_counts), tuple(break_eos))
 
 
 @dataclass(frozen=True)
@@ -174,9 +278,11 @@ class Snapshot:
     task: float  # test tasks, chat form: the skill being taught
     validation: float  # validation tasks, chat form: what early stopping watches
     raw: float  # test tasks, raw pretraining form: the skill we want to keep
-    perplexity: float  # held-out pretraining text
+    perplexity: float  # held-out pretraining text, all tokens together
     task_hits: tuple[bool, ...] = field(default=(), repr=False)
     raw_hits: tuple[bool, ...] = field(default=(), repr=False)
+    validation_hits: tuple[bool, ...] = field(default=(), repr=False)
+    heldout: HeldOutNLL | None = field(default=None, repr=False)  # the perplexity, per document
 
 
 def snapshot(model: Any, tokenizer: Any, questions: Probe, step: int = 0) -> Snapshot:
@@ -189,13 +295,16 @@ def snapshot(model: Any, tokenizer: Any, questions: Probe, step: int = 0) -> Sna
         + [evaluate.chat_prompt(tokenizer, t) for t in validation]
         + [t.raw_prompt for t in test]
     )
-    replies = evaluate.generate(model, tokenizer, prompts, batch_size=len(prompts))
+    replies = evaluate.generate(
+        model, tokenizer, prompts, max_new_tokens=questions.reply_tokens, batch_size=len(prompts)
+    )
     n, m = len(test), len(validation)
     task = evaluate.score_replies(replies[:n], test)
     valid = evaluate.score_replies(replies[n : n + m], validation)
     raw = evaluate.score_replies(replies[n + m :], test)
-    perplexity = evaluate.perplexity(model, tokenizer, questions.texts)
-    return Snapshot(step, task.overall, valid.overall, raw.overall, perplexity, task.hits, raw.hits)
+    heldout = document_nll(model, tokenizer, questions.texts)
+    scores = (task.overall, valid.overall, raw.overall, heldout.perplexity)
+    return Snapshot(step, *scores, task.hits, raw.hits, valid.hits, heldout)
 
 
 @dataclass
@@ -266,16 +375,77 @@ def train_tracked(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Verdicts: did a run learn, did it forget? Tests at the right unit, never thresholds
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Snapshot A against snapshot B on the same probe: three paired differences, each at its own unit."""
+
+    task: Any  # evaluate.Difference of chat exact match, per test item (rephrasings averaged)
+    raw: Any  # evaluate.Difference of raw-form exact match, per test item
+    nll: Any  # evaluate.Difference of held-out NLL in nats per token, per document
+
+    def verdicts(self, a: str = "A", b: str = "B") -> dict[str, Any]:
+        """The three comparisons in words (`ftcourse.verdicts.Verdict`): task, raw form, held-out NLL."""
+        from ftcourse.verdicts import verdict
+
+        return {
+            "task": verdict(self.task, a, b),
+            "raw": verdict(self.raw, a, b),
+            # NLL is a loss: the model with the lower one predicts the held-out text better
+            "nll": verdict(
+                self.nll, a, b, higher_is_better=False, scale=1.0, unit_word="nats per token", digits=2
+            ),
+        }
+
+
+def compare(a: Snapshot, b: Snapshot, questions: Probe) -> Comparison:
+    """A - B paired by test item (exact match, chat and raw) and by held-out document (NLL per token)."""
+    from ftcourse.evaluate import paired_difference
+
+    if a.heldout is None or b.heldout is None or not (a.task_hits and b.task_hits):
+        raise ValueError("compare needs snapshots taken by `snapshot` (per-question hits, per-document NLL)")
+    items = questions.items
+    return Comparison(
+        paired_difference(a.task_hits, b.task_hits, items, unit="item"),
+        paired_difference(a.raw_hits, b.raw_hits, items, unit="item"),
+        # A document's tokens share its topic and its names: the document, not the token, is the unit.
+        paired_difference(a.heldout.nll, b.heldout.nll, unit="document"),
+    )
+
+
+def reading(comparison: Comparison) -> str:
+    """What a trained snapshot (A) did against the base model (B), in words fixed by the three tests."""
+    said = comparison.verdicts()
+    learned = said["task"].outcome == "higher"
+    forgot = said["raw"].outcome == "lower" or said["nll"].outcome == "higher"
+    return {
+        (True, True): "learns the task and pays for it",
+        (True, False): "learns the task, with no detectable loss of the old skills",
+        (False, True): "loses old skills without a detectable gain on the task",
+        (False, False): "shows no detectable change on any of the three measures",
+    }[(learned, forgot)]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Tables and the plot
 # ---------------------------------------------------------------------------------------------------------
 
 
-def remedies_table(runs: Sequence[ForgettingRun], start: Snapshot, early_stopping_of: str) -> Any:
-    """One row per run (final snapshot), plus early stopping applied to run `early_stopping_of`."""
+def remedies_table(
+    runs: Sequence[ForgettingRun], start: Snapshot, early_stopping_of: str, questions: Probe | None = None
+) -> Any:
+    """One row per run (final snapshot), plus early stopping applied to run `early_stopping_of`.
+
+    With `questions`, a last column reads each row against the base model from the three paired tests
+    (`compare`, `reading`).
+    """
     import pandas as pd
 
     def row(label: str, run: ForgettingRun, shot: Snapshot) -> dict[str, Any]:
-        return {
+        values = {
             "run": label,
             "lr": f"{run.learning_rate:.0e}",
             "step": shot.step,
@@ -285,6 +455,9 @@ def remedies_table(runs: Sequence[ForgettingRun], start: Snapshot, early_stoppin
             "raw change (points)": f"{100 * (shot.raw - start.raw):+.0f}",
             "perplexity": f"{shot.perplexity:.2f}",
         }
+        if questions is not None:
+            values["against the base model (paired tests)"] = reading(compare(shot, start, questions))
+        return values
 
     rows = [row(run.name, run, run.final) for run in runs]
     chosen = next((run for run in runs if run.name == early_stopping_of), None)
@@ -302,6 +475,25 @@ def remedies_table(runs: Sequence[ForgettingRun], start: Snapshot, early_stoppin
         "perplexity": f"{start.perplexity:.2f}",
     }
     return pd.DataFrame([base, *rows]).set_index("run")
+
+
+def comparison_table(comparisons: dict[str, Comparison]) -> Any:
+    """One row per comparison: the verdict on task, raw form and held-out NLL, each with its interval."""
+    import pandas as pd
+
+    def cell(said: Any, difference: Any, scale: float, digits: int) -> str:
+        low, high = (f"{scale * v:+.{digits}f}" for v in (difference.low, difference.high))
+        return f"{said.outcome}: {scale * difference.estimate:+.{digits}f} [{low}, {high}]"
+
+    rows = {}
+    for label, comparison in comparisons.items():
+        said = comparison.verdicts()
+        rows[label] = {
+            "task EM, points (per item)": cell(said["task"], comparison.task, 100, 0),
+            "raw-form EM, points (per item)": cell(said["raw"], comparison.raw, 100, 0),
+            "held-out NLL, nats/token (per document)": cell(said["nll"], comparison.nll, 1, 2),
+        }
+    return pd.DataFrame(rows).T
 
 
 def tradeoff_plot(runs: Sequence[ForgettingRun]) -> Any:

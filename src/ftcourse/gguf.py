@@ -59,6 +59,19 @@ CONVERTER_COMMAND = (
     "python llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py MODEL_DIR "
     "--outfile model-f16.gguf --outtype f16"
 )
+# What to do when that converter stops on a newly trained BPE tokenizer. It hashes the token ids of a fixed
+# test string (get_vocab_base_pre in its conversion code) and knows only the hashes of published models;
+# the warning it prints before stopping shows the hash as "chkhsh: ...".
+PRETOKENIZER_ADVICE = (
+    'If that converter stops with "BPE pre-tokenizer was not recognized" (a tokenizer trained by you: its '
+    "test-string hash is in no list), find the pre-tokenizer your tokenizer.json really uses (its "
+    "\"pre_tokenizer\" entry; a GPT-2 byte-level one is llama.cpp's 'gpt-2', Llama 3's regex is "
+    '\'llama-bpe\'), add `if chkhsh == "<the chkhsh it printed>": res = "<that name>"` to '
+    "get_vocab_base_pre() in the converter, convert again, and check that llama.cpp's token ids equal "
+    "transformers' on digits, spaces, apostrophes and emoji (llama_cpp.Llama(...).tokenize) before you "
+    "trust the file."
+)
+CONVERTER_ADVICE = f"{CONVERTER_COMMAND}\n{PRETOKENIZER_ADVICE}"
 # The pre-tokenizer regex of Llama 3 (meta-llama/Llama-3.1-8B tokenizer.json), llama.cpp's "llama-bpe".
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -102,7 +115,7 @@ def read_llama_config(model_dir: str | os.PathLike) -> dict:
         raise ExportError(
             f"Cannot export architecture {architectures[0]!r}: this GGUF writer supports "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} only. For other architectures use llama.cpp's "
-            f"converter: {CONVERTER_COMMAND}"
+            f"converter: {CONVERTER_ADVICE}"
         )
     if missing := [key for key in REQUIRED_CONFIG_KEYS if not isinstance(config.get(key), (int, float))]:
         raise ExportError(
@@ -124,7 +137,7 @@ def read_llama_config(model_dir: str | os.PathLike) -> dict:
     if found := [key for key, bad in unsupported.items() if bad]:
         raise ExportError(
             f"{model_dir}/config.json uses {', '.join(found)}, which this writer does not handle. "
-            f"llama.cpp's converter does: {CONVERTER_COMMAND}"
+            f"llama.cpp's converter does: {CONVERTER_ADVICE}"
         )
     config["rope_theta"] = float(rope["rope_theta"])
     config["rope_llama3"] = (
@@ -384,7 +397,7 @@ def read_gguf_vocab(model_dir: str | os.PathLike, vocab_size: int) -> GGUFVocab:
             f"{model_dir}/tokenizer.json is neither a GPT-2 style byte-level BPE nor Llama 3's (model "
             f"{bpe.get('type')!r}, pre-tokenizer {json.dumps(tok_json.get('pre_tokenizer'))[:160]}); this "
             f"writer declares llama.cpp's 'gpt-2' or 'llama-bpe' pre-tokenizer only. llama.cpp's converter "
-            f"knows many more: {CONVERTER_COMMAND}"
+            f"knows many more: {CONVERTER_ADVICE}"
         )
     id_to_token = {i: t for t, i in bpe["vocab"].items()}
     added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
@@ -475,6 +488,21 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
         writer.add_chat_template(vocab.chat_template)
 
 
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: a larger weight becomes inf in a f16 file
+
+
+def _check_f16_range(name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
+    """Raise ExportError if a weight would overflow f16 (f16 values, or q8_0's f16 block scale max/127)."""
+    limit = F16_MAX * (127 if qtype == gguf.GGMLQuantizationType.Q8_0 else 1)
+    largest = float(np.abs(array).max()) if array.size else 0.0
+    if largest > limit:
+        raise ExportError(
+            f"Tensor {name!r} holds a weight of magnitude {largest:.3g}, beyond what a "
+            f"{qtype.name} file can store ({limit:g}; the largest f16 value is {F16_MAX:g}): "
+            f"it would be written as inf. Export f32 (--quant f32) or find why training produced it."
+        )
+
+
 def _encode_tensor(
     array: np.ndarray, qtype: gguf.GGMLQuantizationType
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
@@ -531,6 +559,8 @@ def write_gguf(
                     continue  # llama.cpp reuses token_embd for a tied output layer
                 if not np.isfinite(array).all():
                     raise ExportError(f"{model_dir}: tensor {hf_name!r} holds NaN or infinite values.")
+                if array.ndim > 1 and qtype != gguf.GGMLQuantizationType.F32:
+                    _check_f16_range(hf_name, array, qtype)
                 gguf_name = tensor_names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if permute and hf_name.endswith("q_proj.weight"):
                     array = permute_qk(array, n_heads)

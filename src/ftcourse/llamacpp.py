@@ -304,6 +304,7 @@ def compare_with_llama_cpp(
     gguf_path: str | os.PathLike,
     prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int = 16,
+    **llama_options: Any,
 ) -> GGUFComparison:
     """Feed the same token ids to transformers and to llama.cpp and compare logits and greedy tokens."""
     # Special tokens written in a prompt (<|im_start|>) become their ids; nothing else is added.
@@ -313,7 +314,7 @@ def compare_with_llama_cpp(
     ]
     n_ctx = max(len(ids) for ids in all_ids) + max_new_tokens + 1
     model.eval()
-    llm = open_llama(gguf_path, logits_all=True, n_ctx=n_ctx)
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=n_ctx, **llama_options)  # e.g. lora_path=...
     report = GGUFComparison(Path(gguf_path))
     try:
         for ids in all_ids:
@@ -388,8 +389,10 @@ def exact_match_with_llama_cpp(
 def check_comparison(report: GGUFComparison, tolerance: Tolerance) -> list[str]:
     """The ways report misses tolerance, in words; an empty list when the file passes."""
     failures = []
-    if tolerance.max_abs_logit_diff is not None and report.max_abs_logit_diff >= tolerance.max_abs_logit_diff:
-        failures.append(f"max |dlogit| {report.max_abs_logit_diff:.3g} >= {tolerance.max_abs_logit_diff:g}")
+    if not np.isfinite(report.max_abs_logit_diff):  # NaN compares False with everything: say it outright
+        failures.append(f"logits are not finite (max |dlogit| {report.max_abs_logit_diff})")
+    elif (bound := tolerance.max_abs_logit_diff) is not None and not report.max_abs_logit_diff < bound:
+        failures.append(f"max |dlogit| {report.max_abs_logit_diff:.3g} >= {bound:g}")
     agreement, how = report.argmax_agreement, ""
     if tolerance.max_abs_logit_diff is not None:
         # With every logit within the bound of the other side, the argmax may flip wherever transformers'
@@ -398,6 +401,98 @@ def check_comparison(report: GGUFComparison, tolerance: Tolerance) -> list[str]:
         tie_gap = 2 * tolerance.max_abs_logit_diff
         agreement = report.argmax_agreement_except_ties(tie_gap)
         how = f" (near ties under {tie_gap:g} apart counted as agreed; plain {report.argmax_agreement:.1%})"
-    if agreement < tolerance.min_argmax_agreement:
+    if not agreement >= tolerance.min_argmax_agreement:  # NaN fails too
         failures.append(f"argmax agreement {agreement:.1%} < {tolerance.min_argmax_agreement:.0%}{how}")
     return failures
+
+
+# --- A quantization ladder: what each type costs in size and quality ---------------------------------
+
+LADDER_TYPES = ("f16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def perplexity_with_llama_cpp(gguf_path: str | os.PathLike, texts: Sequence[Sequence[int]]) -> float:
+    """exp of the mean negative log-likelihood llama.cpp gives each token after the first, over all texts."""
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=max(len(ids) for ids in texts) + 1)
+    total, count = 0.0, 0
+    try:
+        for ids in texts:
+            llm.reset()
+            llm.eval(list(ids))
+            logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)  # (T-1, V): predicts ids[1:]
+            top = logits.max(axis=-1, keepdims=True)
+            log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+            total -= float(log_probs[np.arange(len(ids) - 1), list(ids[1:])].sum())
+            count += len(ids) - 1
+    finally:
+        llm.close()
+    return float(np.exp(total / count))
+
+
+def greedy_tokens_with_llama_cpp(
+    gguf_path: str | os.PathLike, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16
+) -> list[list[int]]:
+    """llama.cpp's greedy continuation (token ids, no stop) of each prompt."""
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=max(len(p) for p in prompts) + max_new_tokens + 1)
+    try:
+        return [_llama_cpp_logits_and_greedy(llm, list(ids), max_new_tokens)[1] for ids in prompts]
+    finally:
+        llm.close()
+
+
+@dataclass(frozen=True)
+class LadderRung:
+    """One GGUF type of the ladder: its file, size, perplexity and greedy agreement with f16."""
+
+    quant: str
+    path: Path
+    file_bytes: int
+    bits_per_weight: float  # whole file, metadata included
+    tensor_bits_per_weight: float
+    perplexity: float
+    greedy_agreement: float  # share of greedy tokens equal to f16's, each prompt counted to its first miss
+
+
+def quantization_ladder(
+    f16_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    texts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]],
+    quants: Sequence[str] = LADDER_TYPES,
+    max_new_tokens: int = 16,
+) -> list[LadderRung]:
+    """Quantize f16_path to each type and measure size, held-out perplexity and greedy agreement with f16."""
+    from ftcourse.gguf import gguf_stats
+
+    out_dir = Path(out_dir).expanduser()
+    reference = greedy_tokens_with_llama_cpp(f16_path, prompts, max_new_tokens)
+    rungs = []
+    for quant in quants:
+        path = (
+            Path(f16_path)
+            if quant == "f16"
+            else quantize_gguf(f16_path, out_dir / f"model-{quant}.gguf", quant)
+        )
+        tokens = reference if quant == "f16" else greedy_tokens_with_llama_cpp(path, prompts, max_new_tokens)
+        agreed = 0
+        for mine, ref in zip(tokens, reference, strict=True):  # tokens up to the first disagreement
+            agreed += next((i for i, (a, b) in enumerate(zip(mine, ref, strict=True)) if a != b), len(ref))
+        stats = gguf_stats(path)
+        rungs.append(
+            LadderRung(quant, path, stats.file_bytes, stats.bits_per_weight, stats.tensor_bits_per_weight,
+                       perplexity_with_llama_cpp(path, texts), agreed / (len(prompts) * max_new_tokens))
+        )  # fmt: skip
+    return rungs
+
+
+def serving_gb(
+    model: str, bits_per_weight: float, context_tokens: int, kv_bits: int = 16
+) -> dict[str, float]:
+    """GB (decimal) a served GGUF model takes: its weights, plus the KV cache of one context."""
+    from ftcourse.memory import architecture
+
+    arch = architecture(model)
+    weights = arch.total_params() * bits_per_weight / 8
+    # keys and values, every layer, every KV head: 2 x layers x kv_width per token (f16 cache by default)
+    kv_cache = 2 * arch.num_layers * arch.kv_width * context_tokens * kv_bits / 8
+    return {"weights": weights / 1e9, "kv_cache": kv_cache / 1e9, "total": (weights + kv_cache) / 1e9}

@@ -385,6 +385,24 @@ def mean_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -
     return float(sum(losses) / len(losses))
 
 
+@torch.no_grad()
+def example_losses(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]) -> list[float]:
+    """The reply-token loss of each conversation in `batches` (eval mode): one number per held-out example."""
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1), 0 where the label is ignored
+        counted = (labels != IGNORE_INDEX).sum(dim=1)
+        losses += (nll.sum(dim=1) / counted.clamp(min=1)).tolist()
+    model.train(was_training)
+    return losses
+
+
 @dataclass(frozen=True)
 class LoRASetting:
     """One cell of a LoRA ablation: rank, alpha, which layers, rsLoRA or not, and the seed of A."""

@@ -73,6 +73,11 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ExportError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({error}).") from error
+    if not isinstance(config, dict):
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_CONFIG} holds a {type(config).__name__}, not a JSON object; save the "
+            f"adapter again with save_pretrained."
+        )
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}: save the adapter with save_pretrained.")

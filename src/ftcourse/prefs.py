@@ -387,6 +387,8 @@ def preference_trainer(
         raise ValueError(
             f"full fine-tuning with {method!r} needs a frozen reference: pass ref_model=copy.deepcopy(model)"
         )
+    if dataset is not None and len(dataset) and isinstance(dataset[0]["prompt"], list):
+        dataset = type(dataset).from_list(end_at_end_of_turn(dataset.to_list(), tokenizer))  # see there
     options: dict[str, Any] = {
         **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
         "lr_scheduler_type": "constant_with_warmup",
@@ -412,22 +414,72 @@ def preference_trainer(
 # Measuring a trained policy on held-out pairs.
 
 
+def _after_end_of_turn(tokenizer: Any, record: Mapping[str, Any], side: str) -> str:
+    """What the chat template writes after the end-of-turn token (EOS) that closes `record[side]`.
+
+    Empty when the template writes nothing after it, or when it does not close the reply with EOS as
+    written (a template that trims the content, or ends turns with another token): nothing to remove then.
+    """
+    reply = record[side][-1]["content"]
+    full = tokenizer.apply_chat_template(list(record["prompt"]) + list(record[side]), tokenize=False)
+    for closed in (reply + tokenizer.eos_token, reply.strip() + tokenizer.eos_token):
+        if closed in full:
+            return full[full.rindex(closed) + len(closed) :]
+    return ""
+
+
+def end_at_end_of_turn(records: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Records whose completions end at the end-of-turn token, as SFT trained them (TRL's plain-text form).
+
+    A conversational record's completion is everything the template adds after the prompt, and ChatML adds
+    a newline after `<|im_end|>`. SFT never trained that newline (it sits outside the `{% generation %}`
+    block), so the SFT start scores it at about -9 to -17 nats, more than the reply itself: it would swamp
+    every sequence log-probability. Here the prompt is rendered by the chat template and each reply is
+    plain text; TRL's trainers append the EOS token (the end of turn) to a plain-text reply and nothing
+    after it. Records whose template writes nothing after EOS (Llama 3.1's) come back unchanged.
+    """
+    replies = ("chosen", "rejected") if "chosen" in records[0] else ("completion",)
+    if not isinstance(records[0]["prompt"], list) or not any(
+        _after_end_of_turn(tokenizer, records[0], side) for side in replies
+    ):
+        return [dict(r) for r in records]
+    out = []
+    for record in records:
+        text = {
+            "prompt": tokenizer.apply_chat_template(
+                list(record["prompt"]), add_generation_prompt=True, tokenize=False
+            )
+        }
+        text |= {side: record[side][-1]["content"] for side in replies}
+        out.append({**record, **text})
+    return out
+
+
 def collate_pairs(tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """A pair batch in `sequence_logprobs`' format: all chosen rows, then all rejected rows, right-padded.
 
     Tokenized the way TRL's DPOTrainer does it: the prompt with the generation prompt, then the completion
-    is whatever the full conversation adds after it.
+    is whatever the full conversation adds after it, up to and including the end-of-turn (EOS) token:
+    what a template writes after it is no part of the reply (see `end_at_end_of_turn`). A record in
+    plain-text form (a rendered prompt, a reply string) gets the EOS appended, as TRL does.
     """
     rows, masks = [], []
     for side in ("chosen", "rejected"):
         for record in records:
-            prompt = tokenizer.apply_chat_template(list(record["prompt"]), add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(list(record["prompt"]) + list(record[side]))
+            if isinstance(record["prompt"], str):
+                prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+                text = record["prompt"] + record[side] + tokenizer.eos_token
+                full = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                prompt = tokenizer.apply_chat_template(list(record["prompt"]), add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(list(record["prompt"]) + list(record[side]))
             prompt, full = _ids(prompt), _ids(full)
             if full[: len(prompt)] != prompt:
                 raise ValueError(
                     f"the chat template renders the prompt differently inside {side!r}: {record}"
                 )
+            ends = [i for i in range(len(prompt), len(full)) if full[i] == tokenizer.eos_token_id]
+            full = full[: ends[0] + 1] if ends else full
             rows.append(full)
             masks.append([0] * len(prompt) + [1] * (len(full) - len(prompt)))
     width = max(len(r) for r in rows)
@@ -463,16 +515,30 @@ def pair_logprobs(
     return joined[0], joined[1]
 
 
+def pair_rankings(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """Per held-out pair, 1 where `model` ranks the chosen reply first, else 0 (a tie is a miss).
+
+    - `sequence`: by the whole reply's log-probability (summed over its tokens, end of turn included):
+      which reply the model would rather produce.
+    - `per_token`: by the average log-probability per token (SimPO's reward, length-normalised).
+    """
+    chosen, rejected = pair_logprobs(model, tokenizer, records)
+    return {
+        "sequence": (chosen.total > rejected.total).int().tolist(),
+        "per_token": (chosen.mean > rejected.mean).int().tolist(),
+    }
+
+
 def pair_accuracies(
     peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
-    """Two rankings of held-out pairs by a trained policy, as fractions of pairs ranked chosen-first.
+    """Rankings of held-out pairs by a trained policy, as fractions of pairs ranked chosen-first.
 
     - `implicit`: DPO's implicit reward, log pi/pi_ref summed over the completion, reference = adapter off.
       It asks whether training moved the chosen reply up relative to the rejected one, whatever loss did
-      the moving. The start point scores 0 (every margin is exactly 0, and ties count as misses).
+      the moving. The start point scores 0 (every margin is exactly 0, and ties count as misses), so it
+      cannot be compared with the SFT start: `pair_rankings` can.
     - `likelihood`: the policy's own average log-probability per token (SimPO's reward), no reference.
-      It asks which reply the trained model finds more natural, per token.
     """
     chosen, rejected = pair_logprobs(peft_model, tokenizer, records)
     with peft_model.disable_adapter():
@@ -484,16 +550,40 @@ def pair_accuracies(
     }
 
 
+REPLY_TOKENS = 16  # greedy replies are cut here: a reply this long never ended its turn
+
+
+def _turn(reply: str, tokenizer: Any) -> tuple[str, bool]:
+    """The reply up to its end of turn, and whether it ended (within the generated tokens)."""
+    ends = {tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"} - {None}
+    cut = min((reply.index(m) for m in ends if m in reply), default=None)
+    return (reply, False) if cut is None else (reply[:cut], True)
+
+
+def styled_reply(reply: str, answer: str, ends: Sequence[str] = ("<|im_end|>", "<|eot_id|>")) -> bool:
+    """Whether a generated reply is the `period` style: the answer, a full stop, then the end of turn."""
+    return any(reply.startswith(f"{answer}.{end}") for end in ends)
+
+
+def reply_lengths(tokenizer: Any, replies: Sequence[str]) -> list[int]:
+    """Tokens of each generated reply before its end of turn (REPLY_TOKENS where it never ended)."""
+    lengths = []
+    for reply in replies:
+        text, ended = _turn(reply, tokenizer)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]) if ended else REPLY_TOKENS)
+    return lengths
+
+
 # The book's standard preference runs: one recipe per profile, trained once and cached like quick_sft.
 
-# Sizes per profile. cpu: 320 training pairs (40 tasks per family, both kinds), 20 steps of 8 pairs, LoRA on
-# the quick SFT; about 8-12 CPU-seconds a run. spark: hub preference data at real sizes on Llama-3.1-8B.
+# Sizes per profile. cpu: 320 training pairs (40 tasks per family, two kinds), 20 steps of 8 pairs, LoRA on
+# the quick SFT; about 5-10 CPU-seconds a run. spark: hub preference data at real sizes on Llama-3.1-8B.
 RUN_SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
         "train_per_family": 40,
         "steps": 20,
         "batch_size": 8,
-        "learning_rate": 3e-4,
+        "learning_rate": 1e-3,
         "eval_per_family": 25,
         "eval_pairs_per_family": 10,
     },
@@ -525,6 +615,9 @@ def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
 
 
 KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # one thumbs-up per four thumbs-down
+# Bumped when what a standard run trains on or measures changes outside its recipe: cached runs then retrain.
+# 2: completions end at the end-of-turn token; period pairs; evaluation with the SFT start, item by item.
+RUN_DATA_VERSION = 2
 # KTO's paper recommends weights with lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable and n_U
 # undesirable rows (Ethayarajh et al. 2024; TRL's KTOTrainer warns outside it, citing the paper's Eq. 8).
 KTO_WEIGHT_RANGE = (1.0, 4 / 3)
@@ -584,14 +677,17 @@ def train_records(
     profile: Profile | None = None,
     per_family: int | None = None,
     desirable_per_undesirable: float = KTO_DESIRABLE_PER_UNDESIRABLE,
+    kinds: Sequence[str] | None = None,
 ) -> list[dict]:
     """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO).
 
+    The pairs are of `kinds` (default `toy.preferences.TRAIN_KINDS`: content and the full-stop style).
     KTO's feedback keeps every rejected reply as a thumbs-down and `desirable_per_undesirable` thumbs-up
     per thumbs-down (on the spark profile the hub's feedback data set is used as it is).
     """
     from ftcourse.toy import preferences as toy_prefs
 
+    kinds = tuple(kinds or toy_prefs.TRAIN_KINDS)
     profile = profile or active_profile()
     per_family = per_family or run_sizes(profile)["train_per_family"]
     if profile.uses_network:  # spark: the profile's hub datasets, as many rows as four task families give
@@ -599,48 +695,139 @@ def train_records(
 
         schema = "feedback" if method == "kto" else "preference"
         return list(data.load_records(schema, "train", size=4 * per_family, profile=profile))
-    pairs = toy_prefs.preference_pairs("train", per_family)
+    pairs = toy_prefs.preference_pairs("train", per_family, kinds=kinds)
     if method == "kto":
         return toy_prefs.feedback_records(pairs, desirable_per_undesirable)
     return toy_prefs.preference_records(pairs)
 
 
 def heldout_pairs(per_family: int, kind: str | None = None) -> list[dict[str, Any]]:
-    """Held-out (test split) preference records of the task world, of one kind or all."""
+    """Held-out (test split) preference records of the task world, of one kind or of every HELDOUT_KINDS."""
     from ftcourse.toy import preferences as toy_prefs
 
-    kinds = (kind,) if kind else tuple(toy_prefs.KINDS)
+    kinds = (kind,) if kind else toy_prefs.HELDOUT_KINDS
     return toy_prefs.preference_records(toy_prefs.preference_pairs("test", per_family, kinds=kinds))
 
 
 def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = None) -> dict[str, Any]:
-    """Held-out exact match (hits kept for paired tests) and both pair accuracies (see pair_accuracies)."""
+    """Held-out measurements of a trained policy and of its SFT start (the adapter off), item by item.
+
+    Per question (test split): exact match of the greedy reply, its length in tokens, and whether it is the
+    preferred style (the right answer with a full stop, then the end of turn). Per held-out pair of each
+    kind in HELDOUT_KINDS: the `pair_rankings` of the policy and of the start, and the implicit-reward
+    ranking (`pair_accuracies`). Lists are kept so that chapters can pair them by question or by pair.
+    """
     from ftcourse import evaluate
     from ftcourse.toy import preferences as toy_prefs
     from ftcourse.toy.tasks import build_tasks
 
     profile = profile or active_profile()
     sizes = run_sizes(profile)
-    report = evaluate.exact_match(peft_model, tokenizer, build_tasks("test", sizes["eval_per_family"]))
-    accuracies = {
-        kind: pair_accuracies(peft_model, tokenizer, heldout_pairs(sizes["eval_pairs_per_family"], kind))
-        for kind in toy_prefs.KINDS
-    }
+    tasks = build_tasks("test", sizes["eval_per_family"])
+    prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks]
+    measured: dict[str, Any] = {}
+    for who in ("policy", "start"):
+        if who == "start":
+            with peft_model.disable_adapter():
+                replies = evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=REPLY_TOKENS)
+        else:
+            replies = evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=REPLY_TOKENS)
+        report = evaluate.score_replies(replies, tasks)
+        measured[who] = {
+            "hits": list(report.hits),
+            "by_family": report.by_family,
+            "lengths": reply_lengths(tokenizer, replies),
+            "styled": [int(styled_reply(r, t.answer)) for r, t in zip(replies, tasks, strict=True)],
+            "examples": replies[:4],
+        }
+    pairs: dict[str, dict[str, list[int]]] = {}
+    accuracies = {}
+    for kind in toy_prefs.HELDOUT_KINDS:
+        records = heldout_pairs(sizes["eval_pairs_per_family"], kind)
+        policy = pair_rankings(peft_model, tokenizer, records)
+        with peft_model.disable_adapter():
+            start = pair_rankings(peft_model, tokenizer, records)
+        pairs[kind] = {
+            **{f"policy_{k}": v for k, v in policy.items()},
+            **{f"start_{k}": v for k, v in start.items()},
+        }
+        accuracies[kind] = pair_accuracies(peft_model, tokenizer, records)
+    policy = measured["policy"]
     return {
-        "exact_match": report.overall,
-        "by_family": report.by_family,
-        "hits": list(report.hits),
+        "exact_match": sum(policy["hits"]) / len(policy["hits"]),
+        "by_family": policy["by_family"],
+        "hits": policy["hits"],
+        "questions": measured,
+        "pairs": pairs,
         "pair_accuracy": {kind: acc["implicit"] for kind, acc in accuracies.items()},
         "likelihood_accuracy": {kind: acc["likelihood"] for kind, acc in accuracies.items()},
     }
+
+
+def heldout_units(kind: str | None = None, profile: Profile | None = None) -> list[str]:
+    """The unit label (the task's item) of each held-out question (`kind=None`) or pair of `kind`, in order.
+
+    A test item can appear in several tasks (another phrasing): such tasks form one unit of analysis.
+    """
+    from ftcourse.toy import preferences as toy_prefs
+    from ftcourse.toy.tasks import build_tasks
+
+    sizes = run_sizes(profile or active_profile())
+    if kind is None:
+        return [t.item for t in build_tasks("test", sizes["eval_per_family"])]
+    pairs = toy_prefs.preference_pairs("test", sizes["eval_pairs_per_family"], kinds=(kind,))
+    return [p.task.item for p in pairs]
+
+
+def measured(run: PreferenceRun, what: str, kind: str | None = None, who: str = "policy") -> list[int]:
+    """One held-out measurement of `run`, item by item: `who` is 'policy' or 'start' (the adapter off).
+
+    With `kind=None`, per question: what = 'hits', 'styled' or 'lengths'. With a pair kind, per pair:
+    what = 'sequence' or 'per_token' (see `pair_rankings`).
+    """
+    if kind is None:
+        return list(run.evaluation["questions"][who][what])
+    return list(run.evaluation["pairs"][kind][f"{who}_{what}"])
+
+
+def compare(
+    a: tuple[PreferenceRun, str], b: tuple[PreferenceRun, str], what: str, kind: str | None = None
+) -> Any:
+    """A minus B on one held-out measurement, paired by item (seeds of a run list averaged per item first).
+
+    `a` and `b` are (run, who) with who 'policy' or 'start'; a list of runs (seeds) may stand for a run.
+    Returns `ftcourse.evaluate.Difference`, unit 'pair' or 'question'.
+    """
+    from ftcourse import evaluate
+
+    units = heldout_units(kind, profile=None)
+
+    def pooled(side: tuple[Any, str]) -> tuple[list[float], list[str]]:
+        runs = side[0] if isinstance(side[0], (list, tuple)) else [side[0]]
+        values = [v for r in runs for v in measured(r, what, kind, side[1])]
+        return values, units * len(runs)
+
+    (values_a, units_a), (values_b, units_b) = pooled(a), pooled(b)
+    if len(values_a) != len(values_b):  # unequal seed counts: compare item means
+        mean_a, mean_b = (
+            evaluate.question_means(values_a, units_a),
+            evaluate.question_means(values_b, units_b),
+        )
+        values_a, values_b, units_a = list(mean_a.values()), [mean_b[k] for k in mean_a], list(mean_a)
+    return evaluate.paired_difference(
+        values_a, values_b, units_a, unit="question" if kind is None else "pair"
+    )
 
 
 def run_recipe(
     method: str, seed: int = 0, profile: Profile | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """The full recipe of a standard run: sizes of the profile, the method's defaults, and any overrides."""
+    from ftcourse.toy import preferences as toy_prefs
+
     profile = profile or active_profile()
     recipe = {"method": method, "seed": seed, **run_sizes(profile), **METHOD_DEFAULTS[method]}
+    recipe["kinds"] = list(toy_prefs.TRAIN_KINDS)
     if method == "kto":
         recipe |= {"kto_weights": None, "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE}
     unknown = [k for k in overrides if k not in recipe and k != "peft"]
@@ -649,7 +836,7 @@ def run_recipe(
     recipe = {**recipe, "peft": "lora", **overrides}
     if method == "kto" and recipe["kto_weights"] is None:  # from the label ratio of the data it trains on
         records = train_records(
-            method, profile, recipe["train_per_family"], recipe["desirable_per_undesirable"]
+            method, profile, recipe["train_per_family"], recipe["desirable_per_undesirable"], recipe["kinds"]
         )
         recipe["kto_weights"] = list(kto_weights([r["label"] for r in records]))
     return recipe
@@ -658,8 +845,8 @@ def run_recipe(
 def _run_dir(recipe: dict[str, Any], profile: Profile) -> Path:
     from ftcourse import sft
 
-    key = json.dumps({"recipe": recipe, "start": sft.quick_cache_dir(profile).name}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = {"recipe": recipe, "start": sft.quick_cache_dir(profile).name, "data": RUN_DATA_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return sft.cache_root() / f"prefs-{recipe['method']}-{profile.name}-{digest}"
 
 
@@ -712,6 +899,7 @@ def preference_run(
                     profile,
                     recipe["train_per_family"],
                     recipe.get("desirable_per_undesirable", KTO_DESIRABLE_PER_UNDESIRABLE),
+                    recipe["kinds"],
                 )
             ),
             beta=recipe["beta"],
@@ -1048,65 +1236,3 @@ def step_cost(
     if not result.pop("ok"):
         raise RuntimeError(f"measuring {method} ({'full' if full else 'LoRA'}) failed: {result['error']}")
     return result
-
-
-# Online RL with a verifiable reward: GRPO on task-world questions.
-
-
-def exact_match_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
-    """GRPO reward function: 1.0 where the completion's first answer equals the task's answer, else 0.0."""
-    from ftcourse.evaluate import first_answer
-
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # chat or plain completions
-    return [float(first_answer(text) == expected) for text, expected in zip(texts, answer, strict=True)]
-
-
-def grpo_trainer(
-    model: Any,
-    tokenizer: Any,
-    tasks: Sequence[Any],
-    *,
-    steps: int = 30,
-    batch_size: int = 8,
-    num_generations: int = 4,
-    max_completion_length: int = 8,
-    temperature: float = 0.7,
-    learning_rate: float = 3e-4,
-    seed: int = 0,
-    output_dir: str,
-    profile: Profile | None = None,
-) -> Any:
-    """TRL's GRPOTrainer on task-world `tasks` with the exact-match reward and a new LoRA adapter.
-
-    Each step samples `num_generations` replies per prompt (`batch_size / num_generations` prompts), scores
-    them with `exact_match_reward` and uses each reply's reward relative to its group as the advantage.
-    TRL's default beta = 0 keeps no reference model.
-    """
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    if batch_size % num_generations:
-        raise ValueError(
-            f"batch_size ({batch_size}) must be a multiple of num_generations ({num_generations})"
-        )
-    profile = profile or active_profile()
-    stay_offline(profile)
-    records = [{"prompt": [{"role": "user", "content": t.prompt}], "answer": t.answer} for t in tasks]
-    config = GRPOConfig(
-        **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
-        num_generations=num_generations,
-        max_completion_length=max_completion_length,
-        temperature=temperature,
-        logging_steps=2,
-    )
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=exact_match_reward,
-        args=config,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        peft_config=lora_config(),
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer

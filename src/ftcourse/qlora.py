@@ -144,13 +144,31 @@ def require_fit(
     return estimate
 
 
-def _fit_settings(sizes: Mapping[str, Any]) -> dict[str, Any]:
+# transformers' `optim` names -> fit_check's optimizer names (what each keeps per trainable parameter)
+FIT_OPTIMIZERS = {
+    "paged_adamw_8bit": "paged-adamw-8bit",
+    "paged_adamw_32bit": "paged-adamw",
+    "adamw_torch": "adamw",
+    "adamw_bnb_8bit": "adamw-8bit",
+    "adamw_8bit": "adamw-8bit",
+}
+
+
+def fit_optimizer(optim: str) -> str:
+    """fit_check's name for the Trainer optimizer `optim` ("paged_adamw_8bit" -> "paged-adamw-8bit")."""
+    if optim not in FIT_OPTIMIZERS:
+        known = sorted(FIT_OPTIMIZERS)
+        raise ValueError(f"optim {optim!r} is not one the fit-check can price; use one of {known}")
+    return FIT_OPTIMIZERS[optim]
+
+
+def _fit_settings(sizes: Mapping[str, Any], optim: str = OPTIMIZER) -> dict[str, Any]:
     return {
         "seq_len": sizes["max_length"],
         "batch_size": sizes["batch_size"],
         "lora_rank": sizes["lora_rank"],
         "gradient_checkpointing": sizes["gradient_checkpointing"],
-        "optimizer": OPTIMIZER.replace("_", "-"),
+        "optimizer": fit_optimizer(optim),
     }
 
 
@@ -206,11 +224,14 @@ def train_qlora(
     device_gb: float | None = None,
     progress: bool = False,
     seed: int = 0,
+    optim: str = OPTIMIZER,
     **overrides: Any,
 ) -> TrainingRun:
     """A QLoRA SFT run of a 4-bit `model` (from `load_qlora_model`), trained in place; refuses a non-fit.
 
     `overrides` replace entries of the profile's RUN_SIZES (steps, batch_size, learning_rate, ...).
+    `optim` is the Trainer's optimizer name: the book's paged 8-bit AdamW by default; the QLoRA paper's
+    script uses "paged_adamw_32bit", and "adamw_torch" is the plain AdamW of the LoRA baseline.
     """
     profile = profile or active_profile()
     sizes = {**run_sizes(profile), **overrides}
@@ -227,13 +248,13 @@ def train_qlora(
         "qlora",
         device_gb=device_gb if device_gb is not None else device_memory_gb(profile),
         device=profile.device,
-        **_fit_settings(sizes),
+        **_fit_settings(sizes, optim),
     )
     peft_config = lora_config(lora_rank=sizes["lora_rank"], lora_alpha=sizes["lora_alpha"])
     with warnings.catch_warnings():
         # bitsandbytes on a CPU: "Paged optimizers are not supported on CPU", then plain 8-bit AdamW steps.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        return _train(model, tokenizer, dataset, peft_config, sizes, profile, progress, seed)
+        return _train(model, tokenizer, dataset, peft_config, sizes, profile, progress, seed, optim)
 
 
 def _train(
@@ -245,6 +266,7 @@ def _train(
     profile: Profile,
     progress: bool,
     seed: int,
+    optim: str = OPTIMIZER,
 ) -> TrainingRun:
     return train_sft(
         model,
@@ -262,7 +284,7 @@ def _train(
         seed=seed,
         profile=profile,
         progress=progress,
-        extra_args={"optim": OPTIMIZER},
+        extra_args={"optim": optim},
     )
 
 

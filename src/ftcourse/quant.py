@@ -89,20 +89,22 @@ def blockwise_roundtrip(x: torch.Tensor, blocksize: int, method: str = "absmax")
 # --- 4-bit codebooks ---------------------------------------------------------------------------------
 
 
-def nf4_quantiles() -> torch.Tensor:
+def nf4_quantiles(offset: float = NF4_OFFSET) -> torch.Tensor:
     """The 16 NF4 points before scaling, float64, sorted: 7 negative normal quantiles, 0, 8 positive ones."""
-    # Quantile points spaced evenly in probability between NF4_OFFSET and 1/2 (fp32, as the reference does);
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset is the outermost quantile's probability, between 0.5 and 1; got {offset}")
+    # Quantile points spaced evenly in probability between `offset` and 1/2 (fp32, as the reference does);
     # the two halves have different numbers of points so that 0 is a code and the type is asymmetric.
-    positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())
-    negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
     return torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
 
 
-def nf4_code() -> torch.Tensor:
+def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     """The 16 NF4 values: normal quantiles, 8 positive, 7 negative and an exact zero, scaled to [-1, 1]."""
     # The reference rounds the quantiles to fp32 first and divides in fp32 (its `torch.Tensor(v)`): dividing
     # in float64 and rounding once would move the last bit of several values, and with them the midpoints.
-    values = nf4_quantiles().float()
+    values = nf4_quantiles(offset).float()
     return values / values.max()
 
 
@@ -124,10 +126,13 @@ def code_for(quant_type: str) -> torch.Tensor:
 
 
 def quantize_4bit(
-    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64
+    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, code: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 4-bit codes of x (flattened): (packed uint8, shape (ceil(n/2), 1); fp32 absmax per block)."""
-    code = code_for(quant_type)
+    """Blockwise 4-bit codes of x (flattened): (packed uint8, shape (ceil(n/2), 1); fp32 absmax per block).
+
+    `code` replaces the codebook of `quant_type` with up to 16 values in [-1, 1] (to try a type of your own).
+    """
+    code = code_for(quant_type) if code is None else _checked_code(code)
     flat = x.reshape(-1).float()
     n = flat.numel()
     whole = n - n % blocksize
@@ -193,10 +198,24 @@ def double_dequantize(state: dict[str, torch.Tensor], blocksize: int = 256) -> t
     return state["code"][index] * state["absmax2"][block] + state["offset"]
 
 
-def roundtrip_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+def _checked_code(code: torch.Tensor) -> torch.Tensor:
+    """A custom codebook as fp32, after checking it fits in 4 bits and in [-1, 1]."""
+    code = torch.as_tensor(code, dtype=torch.float32).reshape(-1)
+    if not 2 <= code.numel() <= 16:
+        raise ValueError(f"a 4-bit codebook holds 2 to 16 values; got {code.numel()}")
+    if code.abs().max() > 1:
+        largest = code.abs().max().item()
+        raise ValueError(f"codebook values must lie in [-1, 1] (they multiply the absmax); got {largest:.3g}")
+    return code
+
+
+def roundtrip_4bit(
+    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, code: torch.Tensor | None = None
+) -> torch.Tensor:
     """x through quantize_4bit and dequantize_4bit: what a 4-bit copy of x computes with."""
-    packed, absmax = quantize_4bit(x, quant_type, blocksize)
-    return dequantize_4bit(packed, absmax, tuple(x.shape), quant_type, blocksize)
+    packed, absmax = quantize_4bit(x, quant_type, blocksize, code)
+    code = None if code is None else _checked_code(code)
+    return dequantize_4bit(packed, absmax, tuple(x.shape), quant_type, blocksize, code)
 
 
 def relative_error(x: torch.Tensor, approx: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ Turn = str | Sequence[Mapping[str, str]]  # a chat turn: plain text, or already 
 
 JUDGE_PAIRS_PER_FAMILY = 150  # training pairs per task family for the reward-model judge
 JUDGE_STEPS = 40  # training steps of the reward-model judge on the cpu profile
+MAX_LENGTH = 256  # tokens of prompt and reply the reward model reads (longer rows are cut by TRL)
 
 
 def as_messages(turn: Turn, role: str) -> list[dict[str, str]]:
@@ -63,6 +64,22 @@ def quiet_progress(show: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
+# How the reward model trains under each profile. Full fine-tuning of Llama-3.1-8B with activation
+# checkpointing off would hold bf16 weights, gradients and two Adam moments plus every layer's activations;
+# LoRA with checkpointing keeps the weights frozen. `ftcourse.memory.fit_check(..., objective="reward")`
+# sizes both (the rlhf chapter prints them).
+REWARD_SETTINGS: dict[str, dict[str, Any]] = {
+    "cpu": {"lora_rank": None, "activation_checkpointing": False},
+    "spark": {"lora_rank": 16, "activation_checkpointing": True},
+}
+
+
+def reward_settings(profile: Profile | None = None) -> dict[str, Any]:
+    """The reward model's training settings for `profile`: LoRA rank (None: full) and checkpointing."""
+    profile = profile or active_profile()
+    return dict(REWARD_SETTINGS.get(profile.name, REWARD_SETTINGS["cpu"]))
+
+
 def train_reward_model(
     tokenizer: Any,
     records: Sequence[Mapping[str, Any]],
@@ -74,8 +91,15 @@ def train_reward_model(
     model_path: str | None = None,
     profile: Profile | None = None,
     progress: bool = False,
+    lora_rank: int | None = -1,
+    activation_checkpointing: bool | None = None,
 ) -> TrainingRun:
-    """A TrainingRun whose model is the base model with a scalar head, trained by TRL's RewardTrainer."""
+    """A TrainingRun whose model is the base model with a scalar head, trained by TRL's RewardTrainer.
+
+    `lora_rank` None trains every weight (full fine-tuning); a rank trains a LoRA adapter on all linear
+    layers plus the new head. The default -1 picks per profile (`reward_settings`): full fine-tuning of the
+    5M-parameter toy on the cpu profile; rank 16 with activation checkpointing for the 8B model on spark.
+    """
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
@@ -88,14 +112,33 @@ def train_reward_model(
         )
     profile = profile or active_profile()
     stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
+    settings = reward_settings(profile)
+    lora_rank = settings["lora_rank"] if lora_rank == -1 else lora_rank
+    if activation_checkpointing is None:
+        activation_checkpointing = settings["activation_checkpointing"]
+    if lora_rank is not None and lora_rank < 1:
+        raise ValueError(f"lora_rank must be None (full fine-tuning) or at least 1, got {lora_rank}")
+    peft_config = None
+    if lora_rank is not None:
+        from peft import LoraConfig
+
+        from ftcourse.sft import DEFAULT_TARGETS
+
+        # SEQ_CLS: peft keeps the new score head trainable (modules_to_save), beside the LoRA factors.
+        peft_config = LoraConfig(
+            r=lora_rank, lora_alpha=2 * lora_rank, target_modules=list(DEFAULT_TARGETS), task_type="SEQ_CLS"
+        )
     recipe = {
-        "method": "reward model (full fine-tuning, scalar head)",
+        "method": "reward model ("
+        + ("full fine-tuning" if lora_rank is None else f"LoRA rank {lora_rank}")
+        + ", scalar head)",
+        "activation_checkpointing": activation_checkpointing,
         "learning_rate": learning_rate,
         "steps": steps,
         "batch_size": batch_size,
         "scheduler": "cosine",
         "warmup_steps": max(1, steps // 10),
-        "max_length": 256,
+        "max_length": MAX_LENGTH,
         "seed": seed,
         "dtype": profile.dtype,
     }
@@ -111,8 +154,9 @@ def train_reward_model(
             save_strategy="no",
             report_to="none",
             seed=seed,
-            max_length=256,
-            activation_checkpointing=False,  # TRL turns it on by default; a tiny model needs no memory saving
+            max_length=MAX_LENGTH,
+            # TRL turns it on by default; the toy needs no memory saving, the 8B on a Spark does
+            activation_checkpointing=activation_checkpointing,
             use_cpu=profile.device == "cpu",
             bf16=profile.dtype == "bfloat16",
             disable_tqdm=not progress,
@@ -126,6 +170,7 @@ def train_reward_model(
             args=config,
             train_dataset=Dataset.from_list(list(records)),
             processing_class=tokenizer,
+            peft_config=peft_config,
         )
         if not progress:
             trainer.remove_callback(PrinterCallback)  # with tqdm off, the Trainer prints every log line
@@ -135,8 +180,9 @@ def train_reward_model(
     losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
     model = trainer.model
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
-    return TrainingRun(model, losses, seconds, n_params, n_params, recipe)
+    return TrainingRun(model, losses, seconds, n_trainable, n_params, recipe)
 
 
 @torch.no_grad()

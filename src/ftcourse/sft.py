@@ -436,7 +436,7 @@ def load_adapter(base: Any, adapter_dir: str | os.PathLike) -> Any:
 
 
 def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = False) -> TrainingRun:
-    """The book's shared quick LoRA SFT: trained once, then reloaded from the cache in about a second.
+    """The book's shared quick LoRA SFT: trained once, then reloaded from its cache.
 
     The adapter, the loss curve and the recipe are cached as safetensors + JSON under `quick_cache_dir`.
     The returned model is a fresh base model wrapped in that adapter; reloading gives identical outputs.

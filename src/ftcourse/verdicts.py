@@ -50,6 +50,22 @@ def _number(value: float, scale: float, digits: int, signed: bool = False) -> st
     return f"{scale * value:{'+' if signed else ''}.{digits}f}"
 
 
+def _bound(value: float, scale: float, digits: int, signed: bool = True, reference: float = 0.0) -> str:
+    """An interval bound printed so that its side of `reference` (0, or 50%) is never lost to rounding.
+
+    At 0 digits, -0.003 would print "-0" and +0.004 "+0": an interval that spans 0 would look as if it
+    excluded it, or the other way round. A bound that rounds onto the reference gets more digits until
+    it does not (up to 4 more); a bound exactly on the reference prints as the bare reference.
+    """
+    if value == reference:
+        return f"{scale * reference:.{digits}f}" if reference else "0"
+    for shown_digits in range(digits, digits + 5):
+        text = _number(value, scale, shown_digits, signed)
+        if float(text) != scale * reference:
+            return text
+    return text
+
+
 def verdict(
     result: Difference | WinTally | PairedComparison,
     a: str = "A",
@@ -78,7 +94,7 @@ def _difference_verdict(
     unit = f"per {result.unit}, n = {result.n_units}"
     if result.n_observations > result.n_units:
         unit += f", {result.n_observations} answers averaged per {result.unit} first"
-    interval = f"[{_number(result.low, scale, digits, True)}, {_number(result.high, scale, digits, True)}]"
+    interval = f"[{_bound(result.low, scale, digits)}, {_bound(result.high, scale, digits)}]"
     p_text = f"p = {result.p_value:.2g}" if result.p_value >= 0.001 else "p < 0.001"
     needed = fewest_units(alpha)
     if result.n_units < needed:
@@ -123,7 +139,8 @@ def _win_verdict(tally: WinTally, a: str, b: str, digits: int) -> Verdict:
             f"needed before a unanimous result could reach p < {alpha:.2g} ({unit})",
             None,
         )
-    share = f"{100 * tally.share:.{digits}f}% [{100 * tally.low:.{digits}f}, {100 * tally.high:.{digits}f}]"
+    low, high = (_bound(x, 100, digits, signed=False, reference=0.5) for x in (tally.low, tally.high))
+    share = f"{100 * tally.share:.{digits}f}% [{low}, {high}]"
     p_text = f"p = {tally.p_value:.2g}" if tally.p_value >= 0.001 else "p < 0.001"
     described = f"{counts}; {a} won {share} of the {tally.decided} decided ({unit}; ties set aside)"
     if tally.low <= 0.5 <= tally.high:

@@ -1,16 +1,19 @@
 """Preference pairs and thumbs-up/down feedback from the task world, built so that preference methods differ.
 
-A pair that only says "the right answer beats a wrong one" makes every method look alike: all of them learn
-to rank content. So the pairs come in two kinds, and each kind tests one thing:
+A pair that only says "the right answer beats a wrong one" makes every method look alike, and the SFT start
+already ranks such pairs right: it knows the answers. So the pairs come in four kinds, each testing one thing,
+measured against the SFT start (see `ftcourse.prefs.evaluate_policy`):
 
 - ``correct``: the right answer against a plausible wrong one of the same shape (the runner-up of a `max`
-  list, a sum off by one, another country's capital). Both replies are one or two tokens long; only the
-  content differs. It tests whether a method moves probability onto the right answer, which held-out exact
-  match can see.
-- ``concise``: the bare answer against the same correct answer wrapped in a sentence ("The capital of Kelo
-  is Tamar."). Both are right; the rejected reply is several times longer. It tests length. A summed
-  log-probability is lower for a longer reply whatever the model prefers, so a margin on sums is partly
-  free; DPO's ratio to a reference and SimPO/ORPO's per-token average take that free part away.
+  list, a sum off by one, another country's capital). Only the content differs. The SFT start ranks almost
+  all of them right already: it checks that preference training keeps the content.
+- ``period``: the right answer with a full stop ("58.") against the bare answer ("58"). A style the SFT
+  demonstrations never showed, so the SFT start ranks every such pair the wrong way round: the pairs a
+  preference method must learn from. The preferred reply is the longer one, by one token.
+- ``concise``: the bare answer against the same answer in a sentence ("The capital of Kelo is Tamar.").
+  The rejected reply is several times longer: a check of length behaviour.
+- ``sentence``: the reverse of ``concise``, the sentence preferred; the preferred reply is about ten tokens
+  longer. Training on it separates a per-token reward (SimPO) from a per-sequence one (DPO).
 
 Feedback records (KTO) are cut from the same pairs: every rejected reply becomes a thumbs-down, and only a
 fraction of the chosen replies become thumbs-up, as in real feedback logs where complaints outnumber praise.
@@ -27,7 +30,12 @@ from ftcourse.toy.tasks import WORLD_SEED, Task, build_tasks
 KINDS: dict[str, str] = {
     "correct": "right answer vs a plausible wrong one, both short: does the method learn content?",
     "concise": "bare right answer vs the same answer in a sentence: does the method learn style, not length?",
+    "period": "the right answer with a full stop vs the bare answer: a style the SFT start does not have",
+    "sentence": "the right answer in a sentence vs the bare answer: the reply ten tokens longer is preferred",
 }
+# The standard runs train on content and a style the SFT start lacks; evaluation adds the length check.
+TRAIN_KINDS: tuple[str, ...] = ("correct", "period")
+HELDOUT_KINDS: tuple[str, ...] = ("correct", "concise", "period")
 
 
 def _subject(task: Task) -> str:
@@ -76,6 +84,10 @@ def make_pair(task: Task, kind: str, which_wrong: int = 0) -> PreferencePair:
         return PreferencePair(kind, task, task.answer, wrong)
     if kind == "concise":
         return PreferencePair(kind, task, task.answer, verbose_answer(task))
+    if kind == "period":
+        return PreferencePair(kind, task, task.answer + ".", task.answer)
+    if kind == "sentence":
+        return PreferencePair(kind, task, verbose_answer(task), task.answer)
     raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
 
 
