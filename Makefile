@@ -59,6 +59,7 @@ $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py: $(STAMP)
 	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
 	  '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'; \
 	rm -rf $(LLAMA_CPP_SRC); mv $(LLAMA_CPP_SRC).partial $(LLAMA_CPP_SRC)
+	@touch $@  # tar keeps the release's old mtime: without this, every make would fetch again
 
 # System tools from Debian (CI machines start without them): Chromium drives the browser and PDF tests
 # (Playwright never downloads one); BibTeX compiles the book's citation with the standard styles

@@ -8,6 +8,7 @@ and the running appendix agree on.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -93,3 +94,17 @@ def test_the_repository_address_is_one_setting():
     assert f"git clone {url}\n" in running, f"the running appendix does not clone {url}"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"git clone {url}`" in readme and config["html"]["baseurl"] in readme
+
+
+def test_the_quoted_set_up_times_are_the_measured_ones():
+    timings = json.loads((REPO / "ci-timings.json").read_text(encoding="utf-8"))
+    quoted = [
+        f"took {timings['make_test_seconds'] / 60:.1f} minutes",
+        f"about {timings['environment_fresh_minutes']} minutes",
+        f"under {timings['environment_cached_minutes']} minutes",
+    ]
+    for page in ("README.md", "book/appendix/running.md"):
+        text = " ".join((REPO / page).read_text(encoding="utf-8").split())
+        missing = [q for q in quoted if q not in text]
+        assert not missing, f"{page} does not quote ci-timings.json: {missing}"
+        assert "ci-timings.json" in text, f"{page} does not name the source of its times"

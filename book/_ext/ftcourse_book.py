@@ -679,9 +679,11 @@ def print_pdf(html_dir: Path, pdf: Path, timeout_s: float = 600) -> dict:
             if problems:
                 raise RuntimeError("the single-page book is not ready to print: " + "; ".join(problems))
             # The title page (from _single_page_parts) goes before the theme's print header and contents.
+            # Paper cannot be clicked: every collapsed block (hints, solutions, hidden cells) prints open.
             page.evaluate(
                 "() => { const t = document.querySelector('.ftcourse-title-page');"
-                " const h = document.querySelector('#jb-print-docs-body'); if (t && h) h.before(t); }"
+                " const h = document.querySelector('#jb-print-docs-body'); if (t && h) h.before(t);"
+                " document.querySelectorAll('details').forEach(d => { d.open = true; }); }"
             )
             page.emulate_media(media="print")
             pdf.parent.mkdir(parents=True, exist_ok=True)

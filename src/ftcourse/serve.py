@@ -34,7 +34,7 @@ OLLAMA_OPENAI_URL = "http://localhost:11434/v1"  # Ollama's OpenAI-compatible en
 SERVER_INSTALL = 'pip install "llama-cpp-python[server]" openai'
 # Greedy decoding, nothing on top: what every number in the deployment chapter was measured with.
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
-# llama.cpp's server applies repeat_penalty 1.1 unless a request says otherwise (its own field, not
+# llama-cpp-python's server applies repeat_penalty 1.1 unless a request says otherwise (its own field, not
 # OpenAI's; in-process Llama.create_completion defaults to 1.0). Ollama sets it in the Modelfile instead.
 SERVER_REPEAT_PENALTY_DEFAULT = 1.1
 Messages = Sequence[dict[str, str]]
