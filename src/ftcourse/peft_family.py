@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -452,10 +453,13 @@ def run_method(
         chat = raw = None
         perplexity, bare = float("nan"), ()
         if sizes.measure_quality:
-            chat, raw, perplexity = measure(run.model, tokenizer, sizes, profile, texts)
-            if hasattr(run.model, "disable_adapter"):  # the frozen base alone, for the raw form
-                with run.model.disable_adapter():
-                    bare = raw_form_hits(run.model, tokenizer, sizes)
+            # peft's prompt methods ignore position ids by design, and warn so on every call.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Position ids are not supported", UserWarning)
+                chat, raw, perplexity = measure(run.model, tokenizer, sizes, profile, texts)
+                if hasattr(run.model, "disable_adapter"):  # the frozen base alone, for the raw form
+                    with run.model.disable_adapter():
+                        bare = raw_form_hits(run.model, tokenizer, sizes)
     except Exception as error:  # the chapter shows a failing method's real error instead of hiding the row
         return MethodResult(name, seed, learning_rate=chosen.learning_rate, error=_error_text(error))
     trainable, total = trainable_parameters(run.model)
