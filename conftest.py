@@ -54,6 +54,7 @@ SPEED_FACTOR_ENV = "FTCOURSE_SPEED_FACTOR"
 GENERATED_SUFFIX = ".nbmake.ipynb"
 # = ftcourse.profiles.SKIP_LOG_ENV (tests/test_spark_path.py checks); a literal keeps torch out of conftest
 SKIP_LOG_ENV = "FTCOURSE_SKIP_LOG"
+SOURCE_LOG_ENV = "FTCOURSE_SOURCE_LOG"  # = ftcourse.profiles.SOURCE_LOG_ENV (tests/test_heldout.py checks)
 
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 import ftcourse_book  # noqa: E402  (the book's Sphinx extension: shares the execution-cache key)
@@ -211,6 +212,30 @@ def read_skip_log(path: Path) -> list[dict]:
     return skips
 
 
+def source_mismatches(entries: list[dict]) -> list[str]:
+    """What a chapter scored on that it did not train on (entries: its profiles.note_source log).
+
+    A chapter that trained on something must score on held-out data of the same source; capability
+    checks (declared with profiles.capability_check) and chapters that train nothing are exempt.
+    """
+    trained = {e.get("source") for e in entries if e.get("use") == "train"}
+    if not trained:
+        return []
+    scored = {}
+    for entry in entries:
+        if entry.get("use") == "score" and entry.get("source") not in trained:
+            scored.setdefault(entry.get("source"), entry.get("what", ""))
+    return [f"scored {what} on {source!r}" for source, what in scored.items()]
+
+
+def read_source_log(path: Path) -> list[dict]:
+    """The train/score/capability lines a chapter logged with profiles.note_source; [] when none."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def minimal_sizes(environ=os.environ) -> bool:
     """True under FTCOURSE_SIZES=minimal: a smoke test of the code path, whose outputs are never cached."""
     return environ.get("FTCOURSE_SIZES", "").strip().lower() == "minimal"
@@ -341,6 +366,9 @@ class ChapterItem(NotebookItem):
         skip_log.unlink(missing_ok=True)
         previous_log = os.environ.get(SKIP_LOG_ENV)
         os.environ[SKIP_LOG_ENV] = str(skip_log)  # before the kernel starts: it inherits the environment
+        source_log = skip_log.with_suffix(".sources.jsonl")
+        source_log.unlink(missing_ok=True)
+        os.environ[SOURCE_LOG_ENV] = str(source_log)
         os.environ[ftcourse_book.GLUE_STORE_ENV] = str(_glue_store_dir(self.config))
         try:
             if self.notebook != self.source:
@@ -365,6 +393,7 @@ class ChapterItem(NotebookItem):
             if os.environ.get("FTCOURSE_EXECUTION_CACHE", "1") != "0" and not minimal_sizes():
                 cache_executed(self.source, notebook, result.nb)
         finally:
+            os.environ.pop(SOURCE_LOG_ENV, None)
             if previous_log is None:
                 os.environ.pop(SKIP_LOG_ENV, None)
             else:
@@ -376,6 +405,15 @@ class ChapterItem(NotebookItem):
             cpu = _children_cpu_seconds() - cpu_start  # the kernel is a child of pytest, reaped at the end
             wall_times = self.config.stash.setdefault(_WALL_TIMES, {})
             wall_times[chapter] = (seconds, cpu if cpu > 0 else None, passed)
+        mismatches = source_mismatches(read_source_log(source_log))
+        if mismatches:
+            trained = sorted({e["source"] for e in read_source_log(source_log) if e.get("use") == "train"})
+            pytest.fail(
+                f"{chapter} trained on {trained} but {'; '.join(mismatches)}. Score a held-out split of the "
+                "training source (ftcourse.heldout.heldout_set and score), or declare a capability check "
+                "(ftcourse.profiles.capability_check).",
+                pytrace=False,
+            )
         limit = speed.fail_limit()
         if seconds > limit:
             pytest.fail(

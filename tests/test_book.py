@@ -287,6 +287,28 @@ kernelspec:
 # {title}
 
 """
+
+
+def run_throwaway_chapter(
+    tmp_path: Path, name: str, title: str, cell: str, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """Run `book/<name>.md` (one code cell) in a throwaway book with a copy of the repository's conftest."""
+    import shutil
+
+    (tmp_path / "book" / "_ext").mkdir(parents=True)
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
+    shutil.copy(ROOT / "book" / "_ext" / "ftcourse_book.py", tmp_path / "book" / "_ext")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "_config.yml").write_text("title: test\n")
+    (tmp_path / "_toc.yml").write_text(f"format: jb-book\nroot: book/{name}\n")
+    page = _PAGE_HEAD.format(extra="", title=title) + f"```{{code-cell}} ipython3\n{cell}```\n"
+    (tmp_path / "book" / f"{name}.md").write_text(page)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"book/{name}.md"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
 _CHAPTER_CELL = """```{{code-cell}} ipython3
 import pathlib
 pathlib.Path({marker!r}).write_text("measured")

@@ -426,3 +426,62 @@ def test_drop_duplicates_keeps_the_first_copy():
     records = task_records("train", "alpaca", 2)
     copy = {**records[1], "output": " " + records[1]["output"].upper() + " "}
     assert data.drop_duplicates([*records, copy]) == records
+
+
+# --- max_length from the measured lengths, and what it cuts ------------------------------------------------
+
+
+def test_length_limit_is_the_smallest_multiple_of_64_holding_the_share():
+    lengths = [10, 70, 130, 300]
+    assert data.length_limit(lengths, keep=0.75) == 192  # the third row (130) whole: 3 * 64 tokens
+    assert data.length_limit(lengths, keep=1.0) == 320  # every row whole: 300 rounds up to 5 * 64
+    assert data.length_limit(lengths) == 320  # the default keeps 95%: of 4 rows, all 4
+    assert data.length_limit([64, 64]) == 64  # a length already on the step stays
+    with pytest.raises(ValueError, match="at least one row"):
+        data.length_limit([])
+    with pytest.raises(ValueError, match=r"keep must be a share in \(0, 1\]"):
+        data.length_limit(lengths, keep=0)
+
+
+def test_check_lengths_counts_what_max_length_cuts_and_stops_above_the_limit():
+    lengths = [10, 70, 130, 300]
+    cut = data.check_lengths(lengths, 256, "chat.jsonl", allow=True)
+    assert (cut.rows, cut.rows_cut, cut.tokens_lost, cut.longest) == (4, 1, 44, 300)
+    assert cut.share == 0.25
+    assert cut.sentence() == (
+        "max_length 256: 1 of 4 rows (25.0%) cut, 44 tokens lost (longest row 300 tokens)"
+    )
+    with pytest.raises(data.TruncationError) as stopped:
+        data.check_lengths(lengths, 128, "chat.jsonl")
+    message = str(stopped.value)
+    for part in ("chat.jsonl", "2 of 4 rows (50%)", "max_length=128", "lose 174 tokens", "limit is 5%",
+                 "longest row has 300 tokens", "allow_truncation=True"):  # fmt: skip
+        assert part in message, part
+    whole = data.check_lengths(lengths, 320)  # nothing cut: no error, nothing lost
+    assert (whole.rows_cut, whole.tokens_lost, whole.share) == (0, 0, 0.0)
+    assert data.check_lengths([10] * 19 + [300], 64).rows_cut == 1  # exactly 5%: allowed
+
+
+def test_sequence_lengths_are_the_lengths_sfttrainer_builds_for_every_form(tokenizer, tmp_path):
+    """Chat rows, chat prompt/completion, plain text, plain prompt/completion: counted as TRL counts them."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    chats = task_records("train", "messages", 2)
+    pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in chats]
+    forms = {
+        "messages": chats,
+        "chat prompt/completion": [data.messages_to_prompt_completion(r) for r in chats],
+        "text": [{"text": f"{q} {a}"} for q, a in pairs],
+        "plain prompt/completion": [{"prompt": q + "\n", "completion": a} for q, a in pairs],
+    }
+    args = SFTConfig(output_dir=str(tmp_path), max_length=None, assistant_only_loss=False, report_to="none",
+                     use_cpu=True, bf16=False)  # fmt: skip
+    trainer = SFTTrainer(
+        model=profiles.load_base(profile=CPU), args=args, train_dataset=Dataset.from_list(chats[:1]),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    for name, rows in forms.items():
+        built = trainer._prepare_dataset(Dataset.from_list(rows), tokenizer, args, False, None, name)
+        assert data.sequence_lengths(rows, tokenizer) == [len(ids) for ids in built["input_ids"]], name
+    assert data.sequence_lengths([{"input_ids": [1, 2, 3]}], tokenizer) == [3]  # already tokenized

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from itertools import islice
 
 import pytest
 import torch
 
-from ftcourse import data, evaluate, forgetting, profiles, sft
+from ftcourse import data, evaluate, forgetting, heldout, profiles, sft
 from ftcourse.toy import tasks
 from ftcourse.toy.corpus import pretraining_documents
 
@@ -65,10 +66,35 @@ def test_training_data_mixes_the_stated_fraction(tokenizer):
         forgetting.training_data(tokenizer, sizes, replay_fraction=1.5, profile=CPU)
 
 
+def test_probe_scores_the_training_source_and_declares_the_raw_form_a_capability_check(questions):
+    assert questions.test.source == profiles.TASK_WORLD and questions.test.split == "test"
+    assert list(questions.test.rows) == tasks.build_tasks("test", TINY.eval_per_family)
+    assert list(questions.validation.rows) == tasks.build_tasks("validation", TINY.eval_per_family)
+    assert not questions.test.capability and not questions.validation.capability
+    assert questions.raw.capability and questions.raw.rows == questions.test.rows  # cpu: the same questions
+    assert questions.raw_items == questions.items
+
+
+def _source_log(monkeypatch, tmp_path) -> object:
+    log = tmp_path / "sources.jsonl"
+    monkeypatch.setenv(profiles.SOURCE_LOG_ENV, str(log))
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def test_snapshot_scores_the_task_and_checks_the_raw_form_as_a_capability(
+    base, tokenizer, questions, monkeypatch, tmp_path
+):
+    read = _source_log(monkeypatch, tmp_path)
+    forgetting.snapshot(base, tokenizer, questions)
+    entries = read()
+    assert [e["use"] for e in entries] == ["score", "score", "capability"]  # test, validation, raw form
+    assert {e["source"] for e in entries} == {profiles.TASK_WORLD}
+
+
 def test_snapshot_agrees_with_separate_measurements(base, tokenizer, questions):
     shot = forgetting.snapshot(base, tokenizer, questions, step=7)
-    test, validation = list(questions.test), list(questions.validation)
-    assert shot.step == 7
+    test, validation = list(questions.test.rows), list(questions.validation.rows)
+    assert shot.step == 7 and shot.schema == "tasks"
     assert shot.task == evaluate.exact_match(base, tokenizer, test).overall
     assert shot.validation == evaluate.exact_match(base, tokenizer, validation).overall
     assert shot.raw == evaluate.exact_match(base, tokenizer, test, form="raw").overall
@@ -121,11 +147,14 @@ def _measured(step: int, task: list[bool], raw: list[bool], nll: list[float]) ->
     )  # fmt: skip
 
 
+def _task_set(rows: tuple, capability: bool = False) -> heldout.HeldOut:
+    return heldout.HeldOut(profiles.TASK_WORLD, "test", "tasks", rows, capability)
+
+
 def test_compare_tests_each_measure_at_its_unit_and_reading_follows_the_tests():
+    questions = tuple(tasks.Task("add", f"q{i}", "", str(i), f"add: {i}", item=f"{i}+0") for i in range(12))
     probe = forgetting.Probe(
-        tuple(tasks.Task("add", f"q{i}", "", str(i), f"add: {i}", item=f"{i}+0") for i in range(12)),
-        (),
-        ("doc",) * 12,
+        _task_set(questions), _task_set(()), _task_set(questions, capability=True), ("doc",) * 12
     )
     start = _measured(0, [False] * 12, [True] * 12, [2.0] * 12)
     learned = _measured(10, [True] * 12, [True] * 12, [2.0] * 12)
@@ -147,7 +176,59 @@ def test_compare_tests_each_measure_at_its_unit_and_reading_follows_the_tests():
 def test_probe_items_join_rephrasings_of_one_item(questions):
     items = questions.items
     assert len(items) == len(questions.test)
-    assert all(label.split("/")[0] == task.family for label, task in zip(items, questions.test, strict=True))
+    pairs = zip(items, questions.test.rows, strict=True)
+    assert all(label.split("/")[0] == task.family for label, task in pairs)
+
+
+# A hub-shaped held-out set: chat rows with a category, scored by the likelihood of each reference reply.
+HUB = "example/hub-chat"
+
+
+def _hub_probe(n: int = 6) -> forgetting.Probe:
+    rows = [
+        {**r, "category": "Open QA" if i % 2 else "Chat"}
+        for i, r in enumerate(data.task_records("test", "messages", 4))
+    ]
+    test = heldout.HeldOut(HUB, "test", "messages", tuple(rows[:n]))
+    validation = heldout.HeldOut(HUB, "test", "messages", tuple(rows[n : 2 * n]))
+    return forgetting.Probe(test, validation, heldout.capability_tasks(1), TEXTS, reply_tokens=3)
+
+
+def test_snapshot_on_hub_rows_scores_reference_replies_and_logs_their_source(
+    base, tokenizer, monkeypatch, tmp_path
+):
+    read = _source_log(monkeypatch, tmp_path)
+    probe = _hub_probe()
+    shot = forgetting.snapshot(base, tokenizer, probe)
+    uses = {(e["use"], e["source"]) for e in read()}
+    assert ("score", HUB) in uses and ("capability", profiles.TASK_WORLD) in uses
+    assert ("score", profiles.TASK_WORLD) not in uses  # the task-world questions only as a capability check
+    expected = heldout.row_scores(base, tokenizer, probe.test.rows, "messages")
+    assert shot.schema == "messages" and shot.task_hits == pytest.approx(expected)
+    assert shot.task == pytest.approx(sum(expected) / len(expected)) and shot.task < 0  # a log-probability
+    assert shot.raw == evaluate.exact_match(base, tokenizer, list(probe.raw.rows), form="raw").overall
+    assert probe.items[:2] == ("Chat/0", "Open QA/1") and len(probe.raw_items) == len(probe.raw)
+
+
+def test_hub_comparisons_speak_in_nats_per_token_per_row():
+    probe = _hub_probe()
+    nll = forgetting.HeldOutNLL((2.0,) * 12, (10,) * 12, (0.0,) * 12, (0,) * 12)
+    raw = (True,) * len(probe.raw)
+    shot = dict(
+        validation=-1.0, raw=1.0, perplexity=nll.perplexity, raw_hits=raw, heldout=nll, schema="messages"
+    )
+    start = forgetting.Snapshot(0, -2.0, task_hits=(-2.0,) * 6, **shot)
+    tuned = forgetting.Snapshot(10, -1.0, task_hits=tuple(-1.0 + 0.01 * i for i in range(6)), **shot)
+    comparison = forgetting.compare(tuned, start, probe)
+    assert comparison.task.unit == "held-out row" and comparison.task.n_units == 6
+    said = comparison.verdicts("tuned", "base")["task"]
+    assert said.outcome == "higher" and "nats per token" in said.text and "points" not in said.text
+    table = forgetting.remedies_table([forgetting.ForgettingRun("full", 1e-5, [start, tuned])], start, "full")
+    assert table.loc["full", "task log-prob"] == -1.0 and "task EM %" not in table.columns
+    assert (
+        forgetting.comparison_table({"tuned": comparison}).columns[0] == "task log-prob, nats/token (per row)"
+    )
+    assert forgetting.score_text(-1.23456, "messages") == "-1.235" and forgetting.score_text(0.5) == "50%"
 
 
 def test_early_stopping_and_matched_accuracy_by_hand():

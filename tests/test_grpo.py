@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 
 import pytest
@@ -133,3 +134,19 @@ def test_resolvable_difference_follows_the_normal_approximation():
 def test_training_signal_needs_a_logged_step():
     with pytest.raises(ValueError, match="no GRPO step"):
         grpo.training_signal([{"train_runtime": 1.0}])
+
+
+def test_grpo_trains_and_scores_on_the_task_world_on_every_profile(
+    base, tokenizer, scratch, monkeypatch, tmp_path
+):
+    # GRPO's reward checks an answer: its prompts and its held-out questions are the task world's, and say so
+    log = tmp_path / "sources.jsonl"
+    monkeypatch.setenv(profiles.SOURCE_LOG_ENV, str(log))
+    tasks = build_tasks("train", 1)
+    grpo.grpo_trainer(base, tokenizer, tasks, steps=1, batch_size=4, output_dir=scratch)
+    grpo.sampled_rewards(base, tokenizer, tasks[:1], samples=1, max_completion_length=2)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["use"], e["source"]) for e in logged] == [
+        ("train", profiles.TASK_WORLD),
+        ("score", profiles.TASK_WORLD),
+    ]

@@ -229,6 +229,102 @@ def test_exact_match_with_llama_cpp_scores_llama_cpp_replies(export_hf, export_g
     assert report.overall == sum(hits) / len(tasks)
 
 
+# --- Held-out sets served by llama.cpp ------------------------------------------------------------
+
+
+def _chat_heldout(rows):
+    from ftcourse import heldout
+
+    return heldout.HeldOut("hub/chat", "test", "messages", tuple(rows))
+
+
+CHAT_ROWS = (
+    {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Which number is the largest: 4 9 1"},
+            {"role": "assistant", "content": "9"},
+            {"role": "user", "content": "And the smallest?"},
+            {"role": "assistant", "content": "1"},
+        ],
+        "category": "Chat",
+    },
+)
+
+
+def test_heldout_prompts_are_the_turns_before_the_reference_reply(export_hf):
+    from ftcourse import evaluate, heldout
+
+    tokenizer = export_hf[1]
+    tasks = heldout.capability_tasks(1)
+    by_task = [evaluate.chat_prompt(tokenizer, t) for t in tasks.rows]
+    assert llamacpp.heldout_prompts(tokenizer, tasks) == by_task
+    prompts = llamacpp.heldout_prompts(tokenizer, _chat_heldout(CHAT_ROWS))
+    last = CHAT_ROWS[1]["messages"]
+    assert prompts[1] == tokenizer.apply_chat_template(last[:-1], tokenize=False, add_generation_prompt=True)
+    assert "And the smallest?" in prompts[1] and not prompts[1].rstrip().endswith("1")
+    with pytest.raises(ValueError, match="'tasks' or 'messages'"):
+        llamacpp.heldout_prompts(tokenizer, heldout.HeldOut("x", "test", "preference", ()))
+
+
+def test_llama_cpp_reply_logprobs_match_transformers_through_an_f16_file(export_hf, export_gguf_files):
+    from ftcourse import heldout
+
+    model, tokenizer = export_hf
+    by_llama_cpp = llamacpp.reply_logprobs_with_llama_cpp(export_gguf_files["f16"], tokenizer, CHAT_ROWS)
+    by_transformers = heldout.row_scores(model, tokenizer, CHAT_ROWS, "messages")
+    assert by_llama_cpp == pytest.approx(by_transformers, abs=0.02)  # f16 weights and activations
+
+
+def test_score_with_llama_cpp_is_heldout_score_served(export_hf, export_gguf_files, tmp_path, monkeypatch):
+    import json
+
+    from ftcourse import evaluate, heldout, profiles
+
+    model, tokenizer = export_hf
+    path = export_gguf_files["f16"]
+    log = tmp_path / "sources.jsonl"
+    monkeypatch.setenv(profiles.SOURCE_LOG_ENV, str(log))
+    report = llamacpp.score_with_llama_cpp(path, tokenizer, _chat_heldout(CHAT_ROWS))
+    reference = heldout.score(model, tokenizer, _chat_heldout(CHAT_ROWS))
+
+    assert isinstance(report, heldout.ReplyReport) and report.measure == reference.measure
+    assert report.families == ("messages", "Chat") and report.clusters() == reference.clusters()
+    assert report.hits == pytest.approx(reference.hits, abs=0.02)
+    prompts = llamacpp.heldout_prompts(tokenizer, _chat_heldout(CHAT_ROWS))
+    replies = llamacpp.generate_with_llama_cpp(path, prompts)
+    assert report.replies == tuple(evaluate.first_answer(r) for r in replies)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"use": "score", "source": "hub/chat", "what": reference.measure} in entries
+    with pytest.raises(ValueError, match="prefix_ids and max_new_tokens"):
+        llamacpp.score_with_llama_cpp(path, tokenizer, _chat_heldout(CHAT_ROWS), form="raw")
+    tasks = heldout.capability_tasks(1)  # on tasks: exact match of llama.cpp's replies, as before
+    assert llamacpp.score_with_llama_cpp(path, tokenizer, tasks) == llamacpp.exact_match_with_llama_cpp(
+        path, tokenizer, list(tasks.rows)
+    )
+
+
+def test_a_prefix_token_moves_the_served_reply_likelihood(export_hf, export_gguf_files):
+    tokenizer = export_hf[1]
+    path = export_gguf_files["f16"]
+    plain = llamacpp.reply_logprobs_with_llama_cpp(path, tokenizer, CHAT_ROWS[:1])
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    prefixed = llamacpp.reply_logprobs_with_llama_cpp(path, tokenizer, CHAT_ROWS[:1], prefix_ids=[eot])
+    assert prefixed[0] != plain[0]  # the reply's positions shift, and so does what the model reads first
+
+
+def test_transformers_replies_are_exact_matchs_replies_on_tasks(export_hf):
+    from ftcourse import evaluate, heldout
+
+    model, tokenizer = export_hf
+    tasks = heldout.capability_tasks(1)
+    assert (
+        tuple(llamacpp.transformers_replies(model, tokenizer, tasks))
+        == evaluate.exact_match(model, tokenizer, list(tasks.rows)).replies
+    )
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_fail_the_check(bad):
     # nan >= bound is False: without an explicit test a NaN logit difference passed every tolerance.

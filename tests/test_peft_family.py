@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ftcourse import evaluate, memory, peft_family, profiles
+from ftcourse import data, evaluate, heldout, memory, peft_family, profiles
 
 CPU = profiles.PROFILES["cpu"]
 SIZES = peft_family.RUN_SIZES["cpu"]
@@ -111,7 +112,14 @@ def test_perplexity_of_a_prompt_tuned_model_drops_the_virtual_positions():
     assert evaluate.perplexity(wrapped, tokenizer, TEXTS) == pytest.approx(by_hand, rel=rel)
 
 
-def test_run_in_a_fresh_process_trains_measures_and_stays_offline(no_network):
+def _source_log(monkeypatch, tmp_path) -> object:
+    log = tmp_path / "sources.jsonl"
+    monkeypatch.setenv(profiles.SOURCE_LOG_ENV, str(log))
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def test_run_in_a_fresh_process_trains_measures_and_stays_offline(no_network, monkeypatch, tmp_path):
+    read = _source_log(monkeypatch, tmp_path)
     result = peft_family.run_in_fresh_process("LoRA", 0, CPU, TINY, TEXTS)
     assert result.ok, result.error
     assert no_network == []  # a forked child shares the patched socket module
@@ -119,6 +127,14 @@ def test_run_in_a_fresh_process_trains_measures_and_stays_offline(no_network):
     assert result.peak_mib >= result.start_mib > 0
     assert len(result.chat_hits) == len(result.raw_hits) == 4
     assert result.perplexity > 1 and result.cpu_seconds > 0
+    # The child inherits the environment: its training and scores land in the parent's source log.
+    uses = [(e["use"], e["source"]) for e in read()]
+    assert ("train", profiles.TASK_WORLD) in uses and ("score", profiles.TASK_WORLD) in uses
+    # one score (the chat form); the raw form, with the adapter and without, is a capability check
+    assert (
+        uses.count(("score", profiles.TASK_WORLD)) == 1
+        and uses.count(("capability", profiles.TASK_WORLD)) == 2
+    )
 
 
 def test_run_method_in_process_stays_offline(no_network):
@@ -129,6 +145,64 @@ def test_run_method_in_process_stays_offline(no_network):
     assert result.learning_rate == 0.5 and len(result.raw_hits_bare) == 4
     with pytest.raises(ValueError, match="learning_rate must be positive, got 0"):
         peft_family.run_method("IA3", 0, CPU, TINY, TEXTS, learning_rate=0)
+
+
+def test_scores_of_a_prompt_tuned_model_read_the_real_tokens_and_keep_its_mode():
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    model, config = peft_family.prepare(peft_family.method("prompt tuning"), CPU, SIZES)
+    tuned = get_peft_model(model, config).train()
+    tokenizer = profiles.load_tokenizer(profile=CPU)
+    wrapped = peft_family._WithoutVirtualTokens(tuned, config.num_virtual_tokens)
+    record = data.task_records("test", "messages", 1)[0]
+    (score,) = heldout.row_scores(wrapped, tokenizer, [record], "messages")
+    assert wrapped.training and tuned.training  # scored in eval mode, then given back in training mode
+    # By hand: the reply's tokens after the prompt, predicted from the logits of the real positions only.
+    turns = record["messages"]
+    full = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(
+        turns[:-1], tokenize=True, add_generation_prompt=True, return_dict=True
+    )
+    start = len(prompt["input_ids"])
+    with torch.no_grad():
+        logits = tuned.eval()(input_ids=torch.tensor([full])).logits[0, config.num_virtual_tokens : -1]
+    logprobs = F.log_softmax(logits.float(), -1).gather(1, torch.tensor(full[1:])[:, None])[:, 0]
+    assert score == pytest.approx(logprobs[start - 1 :].mean().item(), abs=1e-5)
+
+
+HUB = "example/hub-chat"
+
+
+def _hub_rows(n: int) -> heldout.HeldOut:
+    rows = [{**r, "category": "Chat"} for r in data.task_records("test", "messages", 2)][:n]
+    return heldout.HeldOut(HUB, "test", "messages", tuple(rows))
+
+
+def test_measure_scores_hub_rows_by_likelihood_and_the_raw_form_as_a_capability(monkeypatch, tmp_path):
+    read = _source_log(monkeypatch, tmp_path)
+    monkeypatch.setattr(heldout, "heldout_set", lambda schema, per_family, profile=None: _hub_rows(5))
+    tokenizer = profiles.load_tokenizer(profile=CPU)
+    base_model = profiles.load_base(profile=CPU)
+    base = peft_family.baseline(base_model, tokenizer, TINY, TEXTS, CPU)
+    assert base.schema == "messages" and len(base.chat_hits) == len(base.items) == 5
+    assert base.chat_hits == pytest.approx(
+        heldout.row_scores(base_model, tokenizer, _hub_rows(5).rows, "messages")
+    )
+    assert len(base.raw_hits) == len(base.raw_items) == 4 and base.units("raw") == base.raw_items
+    uses = {(e["use"], e["source"]) for e in read()}
+    assert ("score", HUB) in uses and ("score", profiles.TASK_WORLD) not in uses
+    assert ("capability", profiles.TASK_WORLD) in uses
+    # Chat rows and raw-form questions differ in number: each comparison pairs its own units.
+    runs = [_result("A", 0, tuple(h + 0.5 for h in base.chat_hits), (True,) * 4)]
+    chat = peft_family.pooled_difference(runs, "A", peft_family.BASE, base)
+    raw = peft_family.pooled_difference(runs, "A", peft_family.BASE, base, "raw")
+    assert chat.unit == "held-out row" and chat.n_units == 5 and chat.estimate == pytest.approx(0.5)
+    assert raw.unit == "item" and raw.n_observations == 4
+    (row,) = peft_family.summary(runs, base)
+    frame = peft_family.summary_frame([row], base)
+    assert "chat EM % (mean)" not in frame.columns and frame.loc["A", "chat vs base, nats/token [95% CI]"]
+    assert frame.loc[peft_family.BASE, "chat log-prob (mean)"] == f"{sum(base.chat_hits) / 5:.3f}"
 
 
 def test_a_soft_prompt_switched_off_leaves_exactly_the_base_model():

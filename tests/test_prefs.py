@@ -76,6 +76,11 @@ def _perturb_lora(model: torch.nn.Module, seed: int = 0) -> None:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
 
 
+def _pairs(n: int) -> list[dict]:
+    """`n` task-world preference records, the shape of a standard run's training data."""
+    return toy_prefs.preference_records(toy_prefs.preference_pairs("train", n)[:n])
+
+
 def _trainer(method, tokenizer, records, scratch, **kwargs):
     model = profiles.load_base()
     trainer = prefs.preference_trainer(
@@ -438,6 +443,57 @@ def test_preference_trainer_errors(tokenizer, scratch):
         prefs.preference_trainer("ppo", None, tokenizer, None, output_dir=scratch)
     with pytest.raises(ValueError, match="needs a frozen reference"):
         prefs.preference_trainer("dpo", None, tokenizer, None, peft_config=None, output_dir=scratch)
+    with pytest.raises(ValueError, match="save_steps must be a positive number"):
+        prefs.preference_trainer("dpo", None, tokenizer, None, save_steps=0, output_dir=scratch)
+
+
+def test_preference_trainer_saves_checkpoints_and_shows_progress_when_asked(tokenizer, pairs, tmp_path):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    def callbacks(trainer):
+        return {type(c) for c in trainer.callback_handler.callbacks}
+
+    records = toy_prefs.preference_records(pairs[:4])
+    quiet = _trainer("dpo", tokenizer, records, str(tmp_path / "quiet"))
+    assert quiet.args.save_strategy == "no" and quiet.args.disable_tqdm
+    assert not callbacks(quiet) & {ProgressCallback, PrinterCallback}
+    kept = _trainer("dpo", tokenizer, records, str(tmp_path / "kept"), save_steps=1, progress=True)
+    assert kept.args.save_strategy == "steps" and kept.args.save_steps == 1
+    assert ProgressCallback in callbacks(kept) and PrinterCallback not in callbacks(kept)
+    kept.args.max_steps = 2
+    kept.model.train()
+    kept.train()
+    assert sorted(p.name for p in (tmp_path / "kept").glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+    ]
+
+
+def test_max_length_fits_the_data_on_a_hub_profile_and_stays_on_cpu(tokenizer, pairs, scratch, capsys):
+    from ftcourse import data
+    from ftcourse.toy import standin
+
+    records = toy_prefs.preference_records(pairs[:8])
+    cpu = _trainer("dpo", tokenizer, records, scratch)
+    lengths = data.sequence_lengths(records, tokenizer)
+    assert cpu.args.max_length == prefs.TOY_MAX_LENGTH == cpu.truncation.max_length
+    assert cpu.truncation == data.check_lengths(lengths, prefs.TOY_MAX_LENGTH)  # kept, even with nothing cut
+    assert cpu.truncation.rows_cut == 0 and capsys.readouterr().out == ""
+    with pytest.raises(data.TruncationError, match=r"the dpo rows: 8 of 8 rows .* max_length=4"):
+        _trainer("dpo", tokenizer, records, scratch, max_length=4)
+    cut = _trainer("dpo", tokenizer, records, scratch, max_length=4, allow_truncation=True)
+    assert cut.truncation.rows_cut == 8 and cut.truncation.sentence() in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in standin.standin_environment().items():
+            patch.setenv(key, value)
+        hub_tokenizer, model = profiles.load_tokenizer(), profiles.load_base()
+        rows = list(data.load_records("preference", "train", size=8))
+        trainer = prefs.preference_trainer(
+            "dpo", model, hub_tokenizer, _dataset(rows), steps=1, batch_size=2, output_dir=scratch
+        )
+    fitted = data.length_limit(data.sequence_lengths(rows, hub_tokenizer))
+    assert trainer.args.max_length == trainer.truncation.max_length == fitted
+    assert fitted % 64 == 0 and trainer.truncation.share <= 0.05
 
 
 @pytest.mark.parametrize("fresh_interpreter", [False, True], ids=["forked-from-template", "spawned"])
@@ -445,7 +501,7 @@ def test_step_cost_in_a_fresh_process(fresh_interpreter, no_network):
     # Never a fork of this process: a template interpreter's fork (cpu default) or a spawned interpreter
     # (CUDA default). No `if __name__ == "__main__"` guard is needed in the caller, and on the cpu profile
     # the result has the five host figures it always had, no CUDA reading.
-    cost = prefs.step_cost("simpo", steps=1, batch_size=2, fresh_interpreter=fresh_interpreter)
+    cost = prefs.step_cost("simpo", _pairs(2), steps=1, batch_size=2, fresh_interpreter=fresh_interpreter)
     host = {"setup_mib", "peak_mib", "seconds_per_step", "cpu_seconds_per_step", "trainable_parameters"}
     assert set(cost) == host
     assert cost["peak_mib"] >= cost["setup_mib"] > 0
@@ -457,16 +513,18 @@ def test_step_cost_refuses_and_reports_errors():
     from dataclasses import replace
 
     with pytest.raises(ValueError, match="method must be one of"):
-        prefs.step_cost("ppo")
+        prefs.step_cost("ppo", _pairs(16))
     with pytest.raises(ValueError, match="threads must be at least 1"):
-        prefs.step_cost("dpo", threads=0)
+        prefs.step_cost("dpo", _pairs(16), threads=0)
+    with pytest.raises(ValueError, match="2 steps of 8 rows need 16 records, got 2"):
+        prefs.step_cost("dpo", _pairs(2))
     # A profile the child cannot use fails there; the caller gets the child's error as text, not a hang,
     # and the template interpreter survives its child's failure.
     missing = "/nonexistent/model"
     broken = replace(profiles.PROFILES["cpu"], models={"lora": missing, "qlora": missing})
     with pytest.raises(RuntimeError, match=r"measuring dpo \(LoRA\) failed: \w+"):
-        prefs.step_cost("dpo", steps=1, batch_size=2, profile=broken)
-    assert prefs.step_cost("orpo", steps=1, batch_size=2)["peak_mib"] > 0
+        prefs.step_cost("dpo", _pairs(2), steps=1, batch_size=2, profile=broken)
+    assert prefs.step_cost("orpo", _pairs(2), steps=1, batch_size=2)["peak_mib"] > 0
 
 
 def test_step_cost_sees_the_reference_copy_of_full_dpo():
@@ -474,8 +532,8 @@ def test_step_cost_sees_the_reference_copy_of_full_dpo():
     # The copy is the model's float32 weights (20 MiB for the toy model); the set-up figures of two
     # processes otherwise differ by a few MiB (library state), so half the copy is the robust bound.
     weights_mib = sum(p.numel() * p.element_size() for p in profiles.load_base().parameters()) / 2**20
-    dpo = prefs.step_cost("dpo", full=True, steps=1, batch_size=2)
-    simpo = prefs.step_cost("simpo", full=True, steps=1, batch_size=2)
+    dpo = prefs.step_cost("dpo", _pairs(2), full=True, steps=1, batch_size=2)
+    simpo = prefs.step_cost("simpo", _pairs(2), full=True, steps=1, batch_size=2)
     assert dpo["trainable_parameters"] == simpo["trainable_parameters"]  # both train every weight
     assert dpo["setup_mib"] - simpo["setup_mib"] > 0.5 * weights_mib, (dpo, simpo, weights_mib)
     assert dpo["peak_mib"] >= dpo["setup_mib"] and simpo["peak_mib"] >= simpo["setup_mib"]
@@ -490,7 +548,10 @@ def test_step_cost_spawns_under_the_spark_standins(monkeypatch):
     profile = profiles.active_profile()
     assert profile.name == "spark" and profile.minimal
     # The spawned interpreter, the path a CUDA profile takes, here on the stand-in's CPU device.
-    cost = prefs.step_cost("kto", steps=1, batch_size=2, profile=profile, fresh_interpreter=True)
+    from ftcourse import data
+
+    feedback = list(data.load_records("feedback", "train", size=2, profile=profile))
+    cost = prefs.step_cost("kto", feedback, steps=1, batch_size=2, profile=profile, fresh_interpreter=True)
     assert cost["peak_mib"] >= cost["setup_mib"] > 0 and cost["trainable_parameters"] > 0
     assert "cuda_peak_mib" not in cost  # FTCOURSE_DEVICE=cpu in the stand-in environment
 
@@ -501,45 +562,9 @@ def test_step_cost_reads_cuda_memory_on_a_cuda_profile():
 
     cuda = replace(profiles.PROFILES["cpu"], device="cuda", dtype="bfloat16")
     torch.cuda.init()  # CUDA set up in the caller, as by a chapter's earlier cells: the child must not care
-    cost = prefs.step_cost("dpo", steps=1, batch_size=2, profile=cuda)
+    cost = prefs.step_cost("dpo", _pairs(2), steps=1, batch_size=2, profile=cuda)
     assert cost["cuda_peak_mib"] >= cost["cuda_setup_mib"] > 0, cost
     assert cost["peak_mib"] > 0  # host memory beside it
-
-
-def test_run_sizes_and_train_records_under_minimal_sizes():
-    from dataclasses import replace
-
-    minimal = replace(profiles.PROFILES["cpu"], minimal=True)
-    assert prefs.run_sizes(minimal) == prefs.RUN_SIZES["minimal"]
-    assert set(prefs.RUN_SIZES["minimal"]) == set(prefs.RUN_SIZES["cpu"])
-    per_family = prefs.RUN_SIZES["minimal"]["train_per_family"]
-    # the default size follows the profile's table: a minimal run does not ask for the cpu profile's 320
-    assert prefs.train_records("dpo", minimal) == prefs.train_records("dpo", per_family=per_family)
-    assert prefs.run_recipe("dpo", profile=minimal)["steps"] == prefs.RUN_SIZES["minimal"]["steps"]
-
-
-def test_kto_feedback_ratio_is_a_real_recipe_parameter(monkeypatch, tmp_path):
-    # KTO's exercise changes desirable_per_undesirable: the standard run must train on data cut that way.
-    from ftcourse import sft
-
-    class Built(Exception):
-        """Raised by the stand-in trainer once it has seen the data set."""
-
-    seen: dict[float, list[bool]] = {}
-
-    def trainer_seeing_the_data(method, model, tokenizer, dataset, **kwargs):
-        seen[ratio] = list(dataset["label"])
-        raise Built
-
-    monkeypatch.setenv(sft.CACHE_ENV, str(tmp_path))  # no cached run to return instead
-    monkeypatch.setattr(prefs, "sft_start", lambda profile=None: None)  # no model needed to see the data
-    monkeypatch.setattr(prefs, "preference_trainer", trainer_seeing_the_data)
-    for ratio in (prefs.KTO_DESIRABLE_PER_UNDESIRABLE, 1.0):
-        with pytest.raises(Built):
-            prefs.preference_run("kto", desirable_per_undesirable=ratio)
-        up, down = seen[ratio].count(True), seen[ratio].count(False)
-        assert up == round(ratio * down), (ratio, up, down)
-    assert seen[1.0].count(True) > seen[prefs.KTO_DESIRABLE_PER_UNDESIRABLE].count(True)
 
 
 def test_set_pad_token_prefers_llama3s_reserved_pad_token():
@@ -624,30 +649,6 @@ def test_kto_weights_silence_trls_range_warning(tokenizer, pairs, scratch, caplo
         assert any("ideal range" in r.getMessage() for r in caplog.records) == warns, weights
 
 
-def test_kto_recipe_weights_follow_the_data():
-    # cpu: one thumbs-up per four thumbs-down gives (4, 1); balanced feedback (1, 1); explicit weights stay.
-    assert prefs.run_recipe("kto")["kto_weights"] == [4.0, 1.0]
-    assert prefs.run_recipe("kto", desirable_per_undesirable=1.0)["kto_weights"] == [1.0, 1.0]
-    assert prefs.run_recipe("kto", kto_weights=[2.0, 1.0])["kto_weights"] == [2.0, 1.0]
-    labels = [r["label"] for r in prefs.train_records("kto")]
-    assert prefs.run_recipe("kto")["kto_weights"] == list(prefs.kto_weights(labels))
-    assert "kto_weights" not in prefs.run_recipe("dpo")
-
-
-def test_kto_recipe_weights_on_the_spark_standin(monkeypatch):
-    # kto-mix-14k (and its stand-in) is paired data split 50/50: the weights come out (1, 1), in range.
-    from ftcourse.toy import standin
-
-    for key, value in standin.standin_environment().items():
-        monkeypatch.setenv(key, value)
-    profile = profiles.active_profile()
-    labels = [r["label"] for r in prefs.train_records("kto", profile)]
-    n_desirable, n_undesirable = prefs.kto_label_counts(labels)
-    assert n_desirable == n_undesirable > 0
-    weights = prefs.run_recipe("kto", profile=profile)["kto_weights"]
-    assert weights == [1.0, 1.0] and prefs.kto_weights_in_range(weights, labels)
-
-
 # --- the end of turn: completions end where SFT trained them to -------------------------------------------
 
 
@@ -681,12 +682,3 @@ def test_trl_tokenizes_the_plain_text_form_as_collate_pairs_does(tokenizer, pair
     mask = ours["completion_mask"][0].bool()
     assert row["chosen_ids"] == ours["input_ids"][0][mask].tolist()
     assert row["chosen_ids"][-1] == tokenizer.eos_token_id
-
-
-def test_styled_replies_and_reply_lengths(tokenizer):
-    assert prefs.styled_reply("58.<|im_end|><|endoftext|>", "58")
-    assert not prefs.styled_reply("58<|im_end|>", "58") and not prefs.styled_reply("58..<|im_end|>", "58")
-    assert not prefs.styled_reply("58.", "58")  # never ended its turn
-    lengths = prefs.reply_lengths(tokenizer, ["58<|im_end|>", "58." * 20])
-    assert lengths[0] == len(tokenizer("58", add_special_tokens=False)["input_ids"])
-    assert lengths[1] == prefs.REPLY_TOKENS

@@ -80,3 +80,20 @@ def test_reward_model_with_lora_trains_the_adapter_and_the_head_only(tokenizer, 
     assert all("lora_" in name or "score" in name for name in trainable)
     with pytest.raises(ValueError, match="lora_rank"):
         reward.train_reward_model(tokenizer, records, steps=1, lora_rank=0)
+
+
+def test_reward_model_max_length_is_fitted_to_hub_pairs_and_fixed_on_cpu(tokenizer, monkeypatch):
+    from ftcourse import data
+    from ftcourse.toy import standin
+
+    records = task_records("train", "preference", 1)
+    cpu = reward.train_reward_model(tokenizer, records, steps=1, batch_size=4)
+    assert cpu.recipe["max_length"] == reward.MAX_LENGTH and cpu.recipe["truncation"]["rows_cut"] == 0
+    for key, value in standin.standin_environment().items():
+        monkeypatch.setenv(key, value)
+    hub_tokenizer = profiles.load_tokenizer()
+    pairs = list(data.load_records("preference", "train", size=4))
+    hub = reward.train_reward_model(hub_tokenizer, pairs, steps=1, batch_size=2)
+    assert hub.recipe["max_length"] == data.length_limit(data.sequence_lengths(pairs, hub_tokenizer))
+    with pytest.raises(data.TruncationError, match="the reward model's pairs"):
+        reward.train_reward_model(hub_tokenizer, pairs, steps=1, batch_size=2, max_length=4)

@@ -172,3 +172,100 @@ def test_sizes_follow_the_profile_and_minimal_sizes():
         assert sizes["steps"] % sizes["save_steps"] == 0 and sizes["save_steps"] < sizes["steps"]
         assert sizes["alpha_steps"] % sizes["logging_steps"] == 0 and sizes["alpha_steps"] <= sizes["steps"]
         assert (sizes["save_steps"] + sizes["logging_steps"]) <= sizes["steps"]
+
+
+# --- max_length: chosen per profile, and what it cuts ------------------------------------------------------
+
+
+def test_the_profile_picks_max_length():
+    from dataclasses import replace
+
+    lengths = [10, 70, 130, 300] * 5
+    hub_like = replace(CPU, name="spark-like", uses_network=True)  # a hub profile's rule, no hub needed
+    assert sft.pick_max_length(lengths, CPU) == sft.FIXED_MAX_LENGTH == 256  # cpu: as before
+    assert sft.pick_max_length(lengths, hub_like) == data.length_limit(lengths) == 320
+    assert sft.pick_max_length(lengths, profiles.PROFILES["spark"]) == 320
+    assert "max_length_rule" in sft.quick_recipe(profiles.PROFILES["spark"])
+    assert "max_length_rule" not in sft.quick_recipe(CPU)  # the cpu quick run's cache key is unchanged
+
+
+def test_train_sft_refuses_too_many_long_rows_before_building_a_trainer(tokenizer, tiny_dataset, monkeypatch):
+    import trl
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("SFTTrainer was built although the rows are too long")
+
+    monkeypatch.setattr(trl, "SFTTrainer", no_trainer)
+    short = min(data.sequence_lengths(tiny_dataset, tokenizer))  # nearly every row is longer
+    stops = rf"the training dataset: \d+ of 32 rows.*max_length={short}.*allow_truncation=True"
+    with pytest.raises(data.TruncationError, match=stops):  # model=None: nothing is copied or built first
+        sft.train_sft(None, tokenizer, tiny_dataset, max_length=short, steps=1, profile=CPU, progress=False)
+
+
+def test_allowed_truncation_trains_and_reports_it(tokenizer, tiny_dataset, capsys):
+    lengths = data.sequence_lengths(tiny_dataset, tokenizer)
+    short = sorted(lengths)[len(lengths) // 2]
+    model = profiles.load_base(profile=CPU)
+    run = sft.lora_sft(model, tokenizer, tiny_dataset, steps=1, batch_size=4, max_length=short,
+                       allow_truncation=True, logging_steps=1, progress=False, profile=CPU)  # fmt: skip
+    expected = data.check_lengths(lengths, short, allow=True)
+    assert run.truncation == expected and run.truncation.rows_cut == sum(n > short for n in lengths) > 0
+    assert run.recipe["max_length"] == short and run.losses
+    assert capsys.readouterr().out.count(expected.sentence()) == 1
+
+
+def test_nothing_cut_prints_nothing_and_cpu_keeps_its_fixed_length(tokenizer, tiny_dataset, capsys):
+    model = profiles.load_base(profile=CPU)
+    run = sft.lora_sft(model, tokenizer, tiny_dataset, steps=1, batch_size=4, progress=False, profile=CPU)
+    assert run.recipe["max_length"] == 256 and "max_length_measured" not in run.recipe
+    assert run.truncation.rows_cut == 0 and run.truncation.rows == 32
+    assert "max_length" not in capsys.readouterr().out
+
+
+def test_a_hub_profile_measures_max_length_from_the_training_rows(tokenizer, tiny_dataset, no_network):
+    from dataclasses import replace
+
+    hub_like = replace(CPU, name="spark-like", uses_network=True)  # the embedded model, a hub profile's rule
+    run = sft.lora_sft(profiles.load_base(profile=CPU), tokenizer, tiny_dataset, steps=1, batch_size=4,
+                       progress=False, profile=hub_like)  # fmt: skip
+    lengths = data.sequence_lengths(tiny_dataset, tokenizer)
+    assert run.recipe["max_length"] == data.length_limit(lengths) and run.recipe["max_length_measured"]
+    assert run.truncation.share <= data.TRUNCATION_LIMIT
+    assert no_network == []
+
+
+def test_packing_that_splits_rows_is_not_checked(tokenizer, tiny_dataset):
+    model = profiles.load_base(profile=CPU)
+    run = sft.lora_sft(model, tokenizer, tiny_dataset, steps=1, batch_size=2, max_length=16, packing=True,
+                       extra_args={"packing_strategy": "bfd_split"}, progress=False, profile=CPU)  # fmt: skip
+    assert run.truncation is None  # bfd_split carries every cut-off token into another row
+    with pytest.raises(data.TruncationError):  # TRL's default "bfd" cuts each row, as padding does
+        sft.train_sft(model, tokenizer, tiny_dataset, max_length=16, packing=True, steps=1, profile=CPU)
+
+
+def test_lengths_are_counted_once_per_dataset(tokenizer, tiny_dataset, monkeypatch):
+    counted = []
+    real = data.sequence_lengths
+    monkeypatch.setattr(data, "sequence_lengths", lambda rows, tok: counted.append(1) or real(rows, tok))
+    monkeypatch.setattr(sft, "_LENGTHS", {})
+    first = sft._training_lengths(tiny_dataset, tokenizer)
+    assert sft._training_lengths(tiny_dataset, tokenizer) == first and len(counted) == 1
+    assert sft._training_lengths(tiny_dataset.select(range(8)), tokenizer) == first[:8] and len(counted) == 2
+
+
+def test_the_quick_run_under_the_spark_standins_measures_and_records_max_length(tmp_path, monkeypatch):
+    from ftcourse.toy import standin
+
+    for key, value in standin.standin_environment().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv(sft.CACHE_ENV, str(tmp_path))  # a fresh quick-run cache; the stand-ins stay put
+    spark = profiles.active_profile()
+    run = sft.quick_sft(spark)
+    rows = data.load_records("messages", "train", profile=spark)
+    lengths = data.sequence_lengths(rows, profiles.load_tokenizer(profile=spark))
+    measured = data.length_limit(lengths)
+    assert run.recipe["max_length"] == measured != sft.QUICK_RECIPES["minimal"]["max_length"]
+    assert run.recipe["max_length_measured"] and "max_length_rule" in run.recipe
+    assert run.truncation == data.check_lengths(lengths, run.recipe["max_length"])
+    again = sft.quick_sft(spark)  # from the cache: the same recipe and the same count
+    assert again.recipe == run.recipe and again.truncation == run.truncation

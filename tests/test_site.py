@@ -209,7 +209,8 @@ def _page_script() -> str:
             mathErrors: document.querySelectorAll('mjx-merror, [data-mjx-error]').length,
             images: images.length,
             brokenImages: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src),
-            outputText: [...document.querySelectorAll('.cell_output')].map(e => e.innerText).join('\\n'),
+            // textContent, not innerText: outputs of hidden cells (solutions in closed dropdowns) count too
+            outputText: [...document.querySelectorAll('.cell_output')].map(e => e.textContent).join('\\n'),
             links: [...document.querySelectorAll('a[href]')].map(a => a.href),
             footer: [...document.querySelectorAll('footer, .bd-footer-content')]
                 .map(e => e.innerText).join('\\n'),

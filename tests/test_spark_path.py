@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -142,8 +140,7 @@ def test_qlora_loads_the_spark_model_in_4_bit_and_trains_a_step(base, no_network
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     records = data.load_records("messages", "train", size=2)
     run = qlora.train_qlora(
-        model, profiles.load_tokenizer(), records, steps=1, gradient_accumulation_steps=1, max_length=128,
-        logging_steps=1,
+        model, profiles.load_tokenizer(), records, steps=1, gradient_accumulation_steps=1, logging_steps=1,
     )  # fmt: skip
     assert no_network == [] and len(run.losses) == 1 and math.isfinite(run.losses[0][1])
 
@@ -162,45 +159,23 @@ def test_ollama_judge_needs_a_server(spark_standin):
 
 # --- the chapter runner under the stand-ins (conftest.py) -------------------------------------------------
 
-SKIPPING_CHAPTER = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
-# A chapter with a CUDA-only step
-
-```{code-cell} ipython3
-import os
+SKIPPING_CELL = """import os
 
 from ftcourse import profiles
 
 print(profiles.note_skip("the fused kernel", "It needs CUDA."))
 print("log:", os.path.basename(os.environ["FTCOURSE_SKIP_LOG"]))
-```
 """
 
 
 def test_chapter_runner_gives_each_chapter_a_skip_log_and_lists_the_skips(spark_standin, tmp_path):
     """A throwaway book with one chapter, run by a copy of conftest.py under the stand-ins' environment."""
-    (tmp_path / "book" / "_ext").mkdir(parents=True)
-    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
-    shutil.copy(ROOT / "book" / "_ext" / "ftcourse_book.py", tmp_path / "book" / "_ext")
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    (tmp_path / "_config.yml").write_text("title: test\n")
-    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/cuda\n")
-    (tmp_path / "book" / "cuda.md").write_text(SKIPPING_CHAPTER)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_book import run_throwaway_chapter
+
     env = {key: value for key, value in os.environ.items() if key != "FTCOURSE_EXECUTION_CACHE"}
     env.pop(profiles.SKIP_LOG_ENV, None)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "book/cuda.md"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    done = run_throwaway_chapter(tmp_path, "cuda", "A chapter with a CUDA-only step", SKIPPING_CELL, env)
 
     assert done.returncode == 0, done.stdout[-3000:]
     summary = done.stdout.split("spark stand-in skips")[-1]
@@ -228,3 +203,26 @@ def test_chapter_runner_reads_skip_logs_that_are_not_json_as_skips(tmp_path):
     assert conftest.standins_active({"FTCOURSE_PROFILE": "spark", "FTCOURSE_SIZES": "minimal"})
     assert not conftest.standins_active({"FTCOURSE_PROFILE": "spark"})  # real sizes: a run for the book
     assert conftest.minimal_sizes({"FTCOURSE_SIZES": "minimal"}) and not conftest.minimal_sizes({})
+
+
+# --- held-out sets: the spark profile scores the test split of what it trains on (ftcourse.heldout) ------
+
+
+def test_heldout_set_is_the_test_split_of_the_hub_dataset_the_chapters_train_on(base):
+    from ftcourse import heldout
+
+    model, tokenizer = base
+    held = heldout.heldout_set("messages", per_family=2)
+    assert held.source == "HuggingFaceH4/no_robots" == profiles.training_source("messages")
+    assert held.schema == "messages" and held.split == "test" and len(held) == 8
+    test_rows = list(data.load_records("messages", "test", size=8))
+    assert [r["messages"] for r in held.rows] == [r["messages"] for r in test_rows]
+    assert {r["category"] for r in held.rows} <= {"Chat", "Open QA", "Closed QA"}  # the stand-in's labels
+    report = heldout.score(model, tokenizer, held)
+    assert isinstance(report, heldout.ReplyReport) and report.n_tasks == 8
+    assert all(math.isfinite(v) and v < 0 for v in report.hits)  # mean log-probabilities per token
+    assert report.measure == heldout.SCORE_WORDS["messages"]
+    with pytest.raises(ValueError, match="apply to exact match on tasks"):
+        heldout.score(model, tokenizer, held, form="raw")
+    pairs = heldout.heldout_set("preference", per_family=1)
+    assert pairs.source == "trl-lib/ultrafeedback_binarized" and len(pairs) == 4

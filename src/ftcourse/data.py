@@ -17,6 +17,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ftcourse.profiles import Profile, active_profile, resolve_dataset
+from ftcourse.profiles import (
+    TASK_WORLD,
+    Profile,
+    active_profile,
+    note_source,
+    resolve_dataset,
+    training_source,
+)
 from ftcourse.toy.tasks import FAMILIES, Task, build_tasks
 
 SCHEMAS: dict[str, tuple[str, ...]] = {
@@ -93,6 +101,8 @@ def task_records(split: str, schema: str, per_family: int) -> list[dict[str, Any
     """Task-world records of one split in one schema (feedback alternates liked and disliked)."""
     if schema not in SCHEMAS:
         raise ValueError(f"schema must be one of {sorted(SCHEMAS)}, got {schema!r}")
+    if split == "train":
+        note_source("train", TASK_WORLD, schema)
     return _records(build_tasks(split, per_family), schema)
 
 
@@ -122,6 +132,8 @@ def load_records(
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive number of records, got {size}")
     profile = profile or active_profile()
+    if split == "train":  # what a chapter loads to train on: the source its scores must come from
+        note_source("train", training_source(schema, profile), schema)
     if not profile.uses_network:
         if size is None:  # the quick-run set: up to sft_examples / 4 per family (capital has fewer)
             return Dataset.from_list(task_records(split, schema, profile.sft_examples // len(FAMILIES)))
@@ -160,6 +172,21 @@ def hub_source(hub_id: str, split: str, location: str) -> str:
     """How errors name a hub dataset's split: the hub id, and the local copy when one was used."""
     copy = f" (local copy {location})" if location != hub_id else ""
     return f"hub dataset {hub_id!r}{copy}, split {split!r}"
+
+
+@contextmanager
+def progress_bars(show: bool) -> Iterator[None]:
+    """Hide the `datasets` progress bars (mapping, TRL's tokenizing) unless `show`; restore them after."""
+    import datasets
+
+    were_on = datasets.is_progress_bar_enabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
 
 
 # --- formats -----------------------------------------------------------------------------------------
@@ -1024,23 +1051,49 @@ class TruncationError(ValueError):
 
 
 def sequence_lengths(records: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[int]:
-    """Tokens each record puts through the model, after the chat template (TRL's maybe_apply_chat_template).
+    """Tokens each record puts through the model, counted the way TRL's trainers build their sequences.
 
-    A pair counts its prompt and the longer of its two replies: the trainer cuts each side at max_length.
+    Chat rows go through the chat template (TRL's maybe_apply_chat_template). Plain-text SFT rows (`text`,
+    or string `prompt` and `completion`) count the tokenizer's own special tokens and the EOS that
+    SFTTrainer appends; pre-tokenized rows count their `input_ids`. A pair counts its prompt and the longer
+    of its two replies: the trainer cuts each side at max_length.
     """
-    from trl.data_utils import maybe_apply_chat_template
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote any BOS
+    pair_fields = {"chosen", "rejected", "label"}  # preference and KTO rows: prompt + the longer reply
+    eos = tokenizer.eos_token or ""
+    texts: dict[bool, list[str]] = {False: [], True: []}  # key: with the tokenizer's special tokens
+    plans: list[int | list[tuple[bool, int]]] = []  # per record: a known length, or its texts (prompt first)
 
-    lengths = []
-    for record in records:
-        texts = maybe_apply_chat_template(dict(record), tokenizer)
-        if "text" in texts:
-            lengths.append(count(texts["text"]))
+    def text(value: str, special: bool = False) -> tuple[bool, int]:
+        texts[special].append(value)
+        return special, len(texts[special]) - 1
+
+    rows = records.to_list() if hasattr(records, "to_list") else records  # a Dataset: one Arrow read, not n
+    for record in map(dict, rows):
+        sft_row = ("text" in record or "completion" in record) and not pair_fields & set(record)
+        if "input_ids" in record:
+            plans.append(len(record["input_ids"]))
+        elif sft_row and not is_conversational(record):
+            # SFTTrainer on plain text: tokenizer(prompt + completion + EOS), BOS as the tokenizer adds it
+            whole = record["text"] if "text" in record else record["prompt"] + record["completion"]
+            plans.append([text(whole if whole.endswith(eos) else whole + eos, special=True)])
         else:
-            replies = [count(texts[k]) for k in ("chosen", "rejected", "completion") if k in texts]
-            lengths.append(count(texts["prompt"]) + max(replies))
+            rendered = maybe_apply_chat_template(record, tokenizer)
+            if "text" in rendered:
+                plans.append([text(rendered["text"])])
+            else:  # an implicit prompt (no "prompt" key) stays inside each reply
+                replies = [text(rendered[k]) for k in ("chosen", "rejected", "completion") if k in rendered]
+                plans.append([text(rendered.get("prompt", "")), *replies])
+    counts = {  # one tokenizer call per kind: a call per row costs more than the tokenizing itself
+        special: [len(ids) for ids in tokenizer(batch, add_special_tokens=special)["input_ids"]]
+        for special, batch in texts.items()
+        if batch
+    }
+    lengths = []
+    for plan in plans:
+        parts = [plan] if isinstance(plan, int) else [counts[special][i] for special, i in plan]
+        lengths.append(parts[0] + max(parts[1:], default=0))
     return lengths
 
 
@@ -1157,13 +1210,63 @@ def drop_duplicates(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 def check_truncation(report: DataReport, allow: bool = False, limit: float = TRUNCATION_LIMIT) -> None:
     """Raise TruncationError when more than `limit` of the rows would be cut at max_length, unless `allow`."""
-    rows, tokens = report.truncated()
-    if allow or report.truncated_share <= limit:
-        return
+    check_lengths(report.lengths, report.max_length, report.source, allow, limit)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What a max_length cuts from a training set: rows, rows longer than it, tokens beyond it."""
+
+    max_length: int
+    rows: int
+    rows_cut: int
+    tokens_lost: int
+    longest: int
+
+    @property
+    def share(self) -> float:
+        """The share of rows longer than max_length."""
+        return self.rows_cut / self.rows if self.rows else 0.0
+
+    def sentence(self) -> str:
+        """One line for a run's output: what max_length cut."""
+        return (
+            f"max_length {self.max_length}: {self.rows_cut} of {self.rows} rows ({self.share:.1%}) cut, "
+            f"{self.tokens_lost} tokens lost (longest row {self.longest} tokens)"
+        )
+
+
+def check_lengths(
+    lengths: Sequence[int],
+    max_length: int,
+    source: str = "the training rows",
+    allow: bool = False,
+    limit: float = TRUNCATION_LIMIT,
+) -> Truncation:
+    """What `max_length` cuts from rows of these `lengths`; TruncationError above `limit` unless `allow`."""
+    over = [n - max_length for n in lengths if n > max_length]
+    cut = Truncation(max_length, len(lengths), len(over), sum(over), max(lengths, default=0))
+    if allow or cut.share <= limit:
+        return cut
     raise TruncationError(
-        f"{report.source}: {rows} of {len(report.lengths)} rows ({report.truncated_share:.0%}) are longer "
-        f"than max_length={report.max_length} tokens with the chat template; training would cut them and "
-        f"lose {tokens} tokens. The limit is {limit:.0%} of rows. Raise max_length (the longest row has "
-        f"{max(report.lengths)} tokens), shorten or drop the long rows, or allow it explicitly "
+        f"{source}: {cut.rows_cut} of {cut.rows} rows ({cut.share:.0%}) are longer than "
+        f"max_length={max_length} tokens with the chat template; training would cut them and lose "
+        f"{cut.tokens_lost} tokens. The limit is {limit:.0%} of rows. Raise max_length (the longest row has "
+        f"{cut.longest} tokens), shorten or drop the long rows, or allow it explicitly "
         "(allow_truncation=True, on the command line --allow-truncation)."
     )
+
+
+def length_limit(lengths: Sequence[int], keep: float = 1 - TRUNCATION_LIMIT, step: int = 64) -> int:
+    """The smallest multiple of `step` tokens that holds at least `keep` of the rows whole.
+
+    How the spark profile sets max_length from the data it trains on (sequence_lengths), instead of a
+    fixed number that would cut long hub replies to fragments.
+    """
+    if not lengths:
+        raise ValueError("length_limit needs the token lengths of at least one row")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be a share in (0, 1], got {keep}")
+    ordered = sorted(lengths)
+    needed = ordered[max(0, int(np.ceil(keep * len(ordered))) - 1)]  # the row at the `keep` quantile
+    return int(step * -(-needed // step))

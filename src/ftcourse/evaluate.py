@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from ftcourse.data import exchanges, normalize  # noqa: F401 (re-exported: chapters call evaluate.normalize)
-from ftcourse.profiles import Profile, active_profile, note_skip, resolve_dataset, resolve_model
+from ftcourse.profiles import (
+    TASK_WORLD,
+    Profile,
+    active_profile,
+    note_skip,
+    note_source,
+    resolve_dataset,
+    resolve_model,
+)
 from ftcourse.reward import Turn, reward_judge, reward_scores, turn_text
 from ftcourse.toy import model_dir
 from ftcourse.toy.corpus import ANSWER_GAPS, pretraining_documents
@@ -598,6 +606,7 @@ def score_replies(replies: Sequence[str], tasks: Sequence[Task]) -> AccuracyRepo
         raise ValueError("score_replies needs at least one task; got an empty list")
     if len(replies) != len(tasks):
         raise ValueError(f"need one reply per task; got {len(replies)} replies for {len(tasks)} tasks")
+    note_source("score", TASK_WORLD, "exact match")
     answers = [first_answer(reply) for reply in replies]
     hits = [answer == task.answer for answer, task in zip(answers, tasks, strict=True)]
     families = tuple(t.family for t in tasks)
@@ -631,6 +640,8 @@ def pretraining_texts(profile: Profile | None = None) -> list[str]:
 def heldout_texts(n_docs: int = 200, profile: Profile | None = None) -> list[str]:
     """Held-out text of the pretraining distribution: unseen toy documents, or the profile's hub corpus."""
     profile = profile or active_profile()
+    # General text measures what a run kept, not what it learned: a capability check on every profile.
+    note_source("capability", profile.heldout_text.partition(":")[0] or "toy pretraining text", "perplexity")
     if not profile.heldout_text:
         # The generator is deterministic: the documents that follow the ones pretraining used come from
         # the same distribution (the same invented names, too) and were never trained on. Short raw

@@ -1,11 +1,15 @@
 """Full fine-tuning and catastrophic forgetting: the task skill and retained skills, tracked over training.
 
 A `ForgettingRun` is one SFT run (full fine-tuning or any peft method) measured every few steps by a
-`Snapshot`: held-out task accuracy in the chat form (what we teach), the same on a validation split (what
-early stopping may look at), raw-form accuracy on the same questions (the pretraining skill we want to
-keep) and perplexity on held-out pretraining text. The remedies for forgetting are arguments of one
-function, `train_tracked`: a lower `learning_rate`, a `peft_config`, a `replay_fraction` of pretraining
-text mixed into the data, and `early_stopped` picking the snapshot with the best validation score.
+`Snapshot`: the held-out task score on the test split of what the run trains on (what we teach), the same
+on other held-out rows (what early stopping may look at), raw-form accuracy on task-world questions (the
+pretraining skill we want to keep) and perplexity on held-out pretraining text. The last two are declared
+capability checks. On the cpu profile the task is the task world's, scored by exact match, and the raw
+form asks the same questions; on spark the task score is the likelihood of the reference replies of
+held-out rows of the hub dataset the run trains on (`ftcourse.heldout.score`). The remedies for
+forgetting are arguments of one function, `train_tracked`: a lower `learning_rate`, a `peft_config`, a
+`replay_fraction` of pretraining text mixed into the data, and `early_stopped` picking the snapshot with
+the best validation score.
 """
 
 from __future__ import annotations
@@ -13,10 +17,15 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from ftcourse.profiles import Profile, active_profile, resolve_dataset, run_sizes
+
+if TYPE_CHECKING:  # imported where used: the module itself stays light
+    from ftcourse.heldout import HeldOut
+
+TASKS = "tasks"  # the schema of a held-out set scored by exact match (ftcourse.heldout.HeldOut.schema)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,8 @@ class ForgettingSizes:
     learning_rates: tuple[float, ...]  # the full fine-tuning sweep
     lora_learning_rate: float
     replay_fraction: float  # share of each batch that is pretraining text in the replay run
+    # tokens per training row; on a hub profile the run measures it from its rows (sft.pick_max_length), and
+    # this is the length the appendix's memory plan assumes
     max_length: int = 128
     reply_tokens: int = 16  # tokens generated per answer; a reply is scored up to its first end of turn
 
@@ -51,11 +62,12 @@ RUN_SIZES: dict[str, ForgettingSizes] = {
         replay_fraction=0.25,
         reply_tokens=3,
     ),
+    # spark: test and validation rows both come from no_robots' test split (500 rows): 240 each.
     "spark": ForgettingSizes(
         steps=400,
         batch_size=4,
         every=50,
-        eval_per_family=100,
+        eval_per_family=60,
         heldout_docs=100,
         learning_rates=(1e-5, 3e-5, 1e-4),
         lora_learning_rate=2e-4,
@@ -151,33 +163,55 @@ def training_data(
 
 @dataclass(frozen=True)
 class Probe:
-    """The fixed questions and text every snapshot measures: test, validation, raw form, perplexity."""
+    """The fixed held-out sets every snapshot measures: test, validation, raw form, text for perplexity."""
 
-    test: tuple[Any, ...]
-    validation: tuple[Any, ...]
-    texts: tuple[str, ...]
+    test: HeldOut  # the task: held-out rows of the source the run trains on
+    validation: HeldOut  # the same source, other rows: what early stopping may look at
+    raw: HeldOut  # a capability check: task-world questions in the raw pretraining form
+    texts: tuple[str, ...]  # held-out general text (a capability check)
     reply_tokens: int = 16
 
     @property
     def items(self) -> tuple[str, ...]:
         """The unit of each test question: its family and item (rephrasings of one item share a label)."""
-        return tuple(f"{task.family}/{task.item or task.prompt}" for task in self.test)
+        return units(self.test)
+
+    @property
+    def raw_items(self) -> tuple[str, ...]:
+        """The unit of each raw-form question (the test questions' own on the cpu profile)."""
+        return units(self.raw)
+
+
+def units(held: HeldOut) -> tuple[str, ...]:
+    """One label per row of a held-out set: family/item for tasks, so rephrasings share one; else per row."""
+    if held.schema == TASKS:
+        return tuple(f"{task.family}/{task.item or task.prompt}" for task in held.rows)
+    return tuple(f"{row.get('category') or held.schema}/{i}" for i, row in enumerate(held.rows))
 
 
 def probe(
     sizes: ForgettingSizes, texts: Sequence[str] | None = None, profile: Profile | None = None
 ) -> Probe:
-    """The Probe for `sizes`: held-out test and validation tasks and held-out pretraining text."""
+    """The Probe for `sizes`: held-out rows of the training source, raw-form questions, held-out text."""
+    from ftcourse import heldout
     from ftcourse.evaluate import heldout_texts
     from ftcourse.toy.tasks import build_tasks
 
+    profile = profile or active_profile()
+    n = sizes.eval_per_family
+    test = heldout.heldout_set("messages", n, profile)
+    if test.schema == TASKS:  # the task world has a validation split of its own
+        validation = replace(test, split="validation", rows=tuple(build_tasks("validation", n)))
+    else:  # a hub dataset: the next rows of its test split, which no run trains on
+        both = heldout.heldout_set("messages", 2 * n, profile)
+        validation = replace(both, split="test (the rows after the test set)", rows=both.rows[len(test) :])
+        if not validation.rows:
+            raise ValueError(
+                f"the test split of {test.source!r} has {len(test)} rows, all of them in the test set: "
+                "none is left for validation. Lower eval_per_family in forgetting.RUN_SIZES."
+            )
     texts = texts if texts is not None else heldout_texts(sizes.heldout_docs, profile)
-    return Probe(
-        tuple(build_tasks("test", sizes.eval_per_family)),
-        tuple(build_tasks("validation", sizes.eval_per_family)),
-        tuple(texts),
-        sizes.reply_tokens,
-    )
+    return Probe(test, validation, heldout.capability_tasks(n, profile), tuple(texts), sizes.reply_tokens)
 
 
 @dataclass(frozen=True)
@@ -272,39 +306,59 @@ def document_nll(
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One measurement during training (fractions for accuracies)."""
+    """One measurement during training (fractions for accuracies; see `schema` for task and validation)."""
 
     step: int
-    task: float  # test tasks, chat form: the skill being taught
-    validation: float  # validation tasks, chat form: what early stopping watches
-    raw: float  # test tasks, raw pretraining form: the skill we want to keep
+    task: float  # test split of the training source: the skill being taught
+    validation: float  # the same source's validation rows: what early stopping watches
+    raw: float  # task-world questions, raw pretraining form: the skill we want to keep
     perplexity: float  # held-out pretraining text, all tokens together
-    task_hits: tuple[bool, ...] = field(default=(), repr=False)
+    task_hits: tuple[float, ...] = field(default=(), repr=False)  # per test row: a hit, or a score
     raw_hits: tuple[bool, ...] = field(default=(), repr=False)
-    validation_hits: tuple[bool, ...] = field(default=(), repr=False)
+    validation_hits: tuple[float, ...] = field(default=(), repr=False)
     heldout: HeldOutNLL | None = field(default=None, repr=False)  # the perplexity, per document
+    schema: str = TASKS  # how task and validation are scored: exact match, or heldout.SCORE_WORDS[schema]
 
 
 def snapshot(model: Any, tokenizer: Any, questions: Probe, step: int = 0) -> Snapshot:
-    """Measure `model` on the probe: one generate call for all three question sets, then perplexity."""
-    from ftcourse import evaluate
+    """Measure `model` on the probe: task, validation and raw-form scores, then perplexity."""
+    from ftcourse import evaluate, heldout
+    from ftcourse.profiles import capability_check
 
-    test, validation = list(questions.test), list(questions.validation)
-    prompts = (
-        [evaluate.chat_prompt(tokenizer, t) for t in test]
-        + [evaluate.chat_prompt(tokenizer, t) for t in validation]
-        + [t.raw_prompt for t in test]
-    )
-    replies = evaluate.generate(
-        model, tokenizer, prompts, max_new_tokens=questions.reply_tokens, batch_size=len(prompts)
-    )
-    n, m = len(test), len(validation)
-    task = evaluate.score_replies(replies[:n], test)
-    valid = evaluate.score_replies(replies[n : n + m], validation)
-    raw = evaluate.score_replies(replies[n + m :], test)
-    heldout = document_nll(model, tokenizer, questions.texts)
-    scores = (task.overall, valid.overall, raw.overall, heldout.perplexity)
-    return Snapshot(step, *scores, task.hits, raw.hits, valid.hits, heldout)
+    test, validation, raw_form = questions.test, questions.validation, questions.raw
+    if test.schema == TASKS:  # exact match throughout: one generate call for all three question sets
+        prompts = (
+            [evaluate.chat_prompt(tokenizer, t) for t in test.rows]
+            + [evaluate.chat_prompt(tokenizer, t) for t in validation.rows]
+            + [t.raw_prompt for t in raw_form.rows]
+        )
+        replies = evaluate.generate(
+            model, tokenizer, prompts, max_new_tokens=questions.reply_tokens, batch_size=len(prompts)
+        )
+        n, m = len(test), len(validation)
+        task = evaluate.score_replies(replies[:n], list(test.rows))
+        valid = evaluate.score_replies(replies[n : n + m], list(validation.rows))
+        with capability_check("raw-form skill"):
+            raw = evaluate.score_replies(replies[n + m :], list(raw_form.rows))
+    else:  # hub rows: the likelihood of each reference reply; the raw-form questions still generate
+        task = heldout.score(model, tokenizer, test)
+        valid = heldout.score(model, tokenizer, validation)
+        raw = heldout.score(  # a declared capability check (heldout.capability_tasks)
+            model,
+            tokenizer,
+            raw_form,
+            form="raw",
+            max_new_tokens=questions.reply_tokens,
+            batch_size=len(raw_form),
+        )
+    nll = document_nll(model, tokenizer, questions.texts)
+    scores = (task.overall, valid.overall, raw.overall, nll.perplexity)
+    return Snapshot(step, *scores, task.hits, raw.hits, valid.hits, nll, test.schema)
+
+
+def score_text(value: float, schema: str = TASKS) -> str:
+    """A task or validation score as text: a whole percentage of exact matches, or a log-probability."""
+    return f"{value:.0%}" if schema == TASKS else f"{value:.3f}"
 
 
 @dataclass
@@ -330,7 +384,7 @@ class ForgettingRun:
         return max(trained, key=lambda s: (s.validation, -s.step))
 
     def first_reaching(self, task: float) -> Snapshot | None:
-        """The first snapshot whose test task accuracy is at least `task`, or None."""
+        """The first snapshot whose test task score is at least `task`, or None."""
         return next((s for s in self.snapshots if s.task >= task), None)
 
 
@@ -362,7 +416,8 @@ def train_tracked(
         steps=sizes.steps,
         batch_size=sizes.batch_size,
         warmup_steps=max(1, sizes.steps // 10),
-        max_length=sizes.max_length,
+        # a hub dataset's conversations vary in length: measured from its rows, as every SFT run of the book
+        max_length=None if profile.uses_network else sizes.max_length,
         assistant_only_loss=False,  # prompt/completion rows: TRL trains on the completion only
         callbacks=[tracker],
         profile=profile,
@@ -383,16 +438,19 @@ def train_tracked(
 class Comparison:
     """Snapshot A against snapshot B on the same probe: three paired differences, each at its own unit."""
 
-    task: Any  # evaluate.Difference of chat exact match, per test item (rephrasings averaged)
+    task: Any  # evaluate.Difference of the task score (chat exact match per item, rephrasings averaged)
     raw: Any  # evaluate.Difference of raw-form exact match, per test item
     nll: Any  # evaluate.Difference of held-out NLL in nats per token, per document
+    schema: str = TASKS  # how the task was scored (Snapshot.schema)
 
     def verdicts(self, a: str = "A", b: str = "B") -> dict[str, Any]:
         """The three comparisons in words (`ftcourse.verdicts.Verdict`): task, raw form, held-out NLL."""
+        from ftcourse.heldout import verdict_units  # exact-match points, or nats per token on hub rows
         from ftcourse.verdicts import verdict
 
+        task_units = verdict_units(self.schema)
         return {
-            "task": verdict(self.task, a, b),
+            "task": verdict(self.task, a, b, **task_units),
             "raw": verdict(self.raw, a, b),
             # NLL is a loss: the model with the lower one predicts the held-out text better
             "nll": verdict(
@@ -402,17 +460,20 @@ class Comparison:
 
 
 def compare(a: Snapshot, b: Snapshot, questions: Probe) -> Comparison:
-    """A - B paired by test item (exact match, chat and raw) and by held-out document (NLL per token)."""
+    """A - B paired by test item (task score and raw form) and by held-out document (NLL per token)."""
     from ftcourse.evaluate import paired_difference
 
     if a.heldout is None or b.heldout is None or not (a.task_hits and b.task_hits):
         raise ValueError("compare needs snapshots taken by `snapshot` (per-question hits, per-document NLL)")
-    items = questions.items
+    schema = questions.test.schema
     return Comparison(
-        paired_difference(a.task_hits, b.task_hits, items, unit="item"),
-        paired_difference(a.raw_hits, b.raw_hits, items, unit="item"),
+        paired_difference(
+            a.task_hits, b.task_hits, questions.items, unit="item" if schema == TASKS else "held-out row"
+        ),
+        paired_difference(a.raw_hits, b.raw_hits, questions.raw_items, unit="item"),
         # A document's tokens share its topic and its names: the document, not the token, is the unit.
         paired_difference(a.heldout.nll, b.heldout.nll, unit="document"),
+        schema,
     )
 
 
@@ -444,13 +505,15 @@ def remedies_table(
     """
     import pandas as pd
 
+    task_column, validation_column, shown = _task_columns(start.schema)
+
     def row(label: str, run: ForgettingRun, shot: Snapshot) -> dict[str, Any]:
         values = {
             "run": label,
             "lr": f"{run.learning_rate:.0e}",
             "step": shot.step,
-            "task EM %": round(100 * shot.task),
-            "validation EM %": round(100 * shot.validation),
+            task_column: shown(shot.task),
+            validation_column: shown(shot.validation),
             "raw EM %": round(100 * shot.raw),
             "raw change (points)": f"{100 * (shot.raw - start.raw):+.0f}",
             "perplexity": f"{shot.perplexity:.2f}",
@@ -468,13 +531,20 @@ def remedies_table(
         "run": "base model",
         "lr": "",
         "step": 0,
-        "task EM %": round(100 * start.task),
-        "validation EM %": round(100 * start.validation),
+        task_column: shown(start.task),
+        validation_column: shown(start.validation),
         "raw EM %": round(100 * start.raw),
         "raw change (points)": "",
         "perplexity": f"{start.perplexity:.2f}",
     }
     return pd.DataFrame([base, *rows]).set_index("run")
+
+
+def _task_columns(schema: str) -> tuple[str, str, Any]:
+    """Table headers for the task and validation scores, and how a score is shown under them."""
+    if schema == TASKS:
+        return "task EM %", "validation EM %", lambda value: round(100 * value)
+    return "task log-prob", "validation log-prob", lambda value: round(value, 3)
 
 
 def comparison_table(comparisons: dict[str, Comparison]) -> Any:
@@ -488,8 +558,13 @@ def comparison_table(comparisons: dict[str, Comparison]) -> Any:
     rows = {}
     for label, comparison in comparisons.items():
         said = comparison.verdicts()
+        task_cell = (
+            ("task EM, points (per item)", cell(said["task"], comparison.task, 100, 0))
+            if comparison.schema == TASKS
+            else ("task log-prob, nats/token (per row)", cell(said["task"], comparison.task, 1, 3))
+        )
         rows[label] = {
-            "task EM, points (per item)": cell(said["task"], comparison.task, 100, 0),
+            task_cell[0]: task_cell[1],
             "raw-form EM, points (per item)": cell(said["raw"], comparison.raw, 100, 0),
             "held-out NLL, nats/token (per document)": cell(said["nll"], comparison.nll, 1, 2),
         }
@@ -500,23 +575,25 @@ def tradeoff_plot(runs: Sequence[ForgettingRun]) -> Any:
     """Figure: task accuracy (x) against retained raw-form accuracy (y) over training, one path per run."""
     import matplotlib.pyplot as plt
 
+    exact = all(s.schema == TASKS for run in runs for s in run.snapshots)
+    scale, x_label = (100, "task: held-out chat exact match (%)") if exact else (1, "task: reply log-prob")
     figure, (ax_raw, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4.2))
     for run in runs:
-        xs = [100 * s.task for s in run.snapshots]
+        xs = [scale * s.task for s in run.snapshots]
         (line,) = ax_raw.plot(xs, [100 * s.raw for s in run.snapshots], marker="o", label=run.name)
         ax_ppl.plot(xs, [s.perplexity for s in run.snapshots], marker="o", color=line.get_color())
         for s in run.snapshots[1:]:
             ax_raw.annotate(
                 str(s.step),
-                (100 * s.task, 100 * s.raw),
+                (scale * s.task, 100 * s.raw),
                 fontsize=7,
                 xytext=(3, 3),
                 textcoords="offset points",
                 color=line.get_color(),
             )
-    ax_raw.set_xlabel("task: held-out chat exact match (%)")
+    ax_raw.set_xlabel(x_label)
     ax_raw.set_ylabel("retained: raw-form exact match (%)")
-    ax_ppl.set_xlabel("task: held-out chat exact match (%)")
+    ax_ppl.set_xlabel(x_label)
     ax_ppl.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax_ppl.set_yscale("log")  # a run that forgets badly multiplies perplexity many times over
     ax_raw.legend(fontsize=8)
@@ -528,5 +605,5 @@ def tradeoff_plot(runs: Sequence[ForgettingRun]) -> Any:
 
 
 def first_snapshots(runs: Sequence[ForgettingRun], task: float) -> dict[str, Snapshot | None]:
-    """For each run, its first snapshot reaching test task accuracy `task` (None when it never does)."""
+    """For each run, its first snapshot reaching test task score `task` (None when it never does)."""
     return {run.name: run.first_reaching(task) for run in runs}

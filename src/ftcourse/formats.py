@@ -165,13 +165,8 @@ def unpair(records: Sequence[Mapping[str, Any]], seed: int = 0) -> list[dict[str
     import datasets
     from trl.data_utils import unpair_preference_dataset
 
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a bar for mapping a few dozen rows is noise in a report
-    try:
+    with data.progress_bars(False):  # a bar for mapping a few dozen rows is noise in a report
         rows = unpair_preference_dataset(datasets.Dataset.from_list([dict(r) for r in records])).to_list()
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
     random.Random(seed).shuffle(rows)
     return [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in rows]
 

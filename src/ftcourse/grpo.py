@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ftcourse.profiles import Profile, active_profile, stay_offline
+from ftcourse.profiles import TASK_WORLD, Profile, active_profile, note_source, stay_offline
 from ftcourse.toy.tasks import Task
 
 
@@ -64,6 +64,8 @@ def grpo_trainer(
 
     Each step samples `num_generations` replies per prompt (`batch_size / num_generations` prompts), scores
     them with `exact_match_reward` and uses each reply's reward relative to its group as the advantage.
+    The prompts are the task world's on every profile: the reward checks an answer, and the hub datasets
+    of the spark profile have none to check.
     `beta` = 0 (TRL's default) keeps no reference model; with `beta` > 0 the reference is the adapter off.
     """
     from datasets import Dataset
@@ -83,6 +85,7 @@ def grpo_trainer(
         raise ValueError("grpo_trainer needs at least one task to sample prompts from")
     profile = profile or active_profile()
     stay_offline(profile)
+    note_source("train", TASK_WORLD, "GRPO prompts")
     records = [{"prompt": [{"role": "user", "content": t.prompt}], "answer": t.answer} for t in tasks]
     config = GRPOConfig(
         **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
@@ -137,6 +140,7 @@ def sampled_rewards(
 
     if samples < 1 or not tasks:
         raise ValueError(f"need at least one task and one sample per task, got {len(tasks)} and {samples}")
+    note_source("score", TASK_WORLD, "sampled rewards")
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
     prompts = [chat_prompt(tokenizer, t) for t in tasks]

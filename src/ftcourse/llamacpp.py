@@ -1,6 +1,9 @@
 """llama.cpp through llama-cpp-python: quantize a GGUF file, run it, and compare it with transformers.
 
-    quantize_gguf (Q4_K_M, ...) -> compare_with_llama_cpp -> check_comparison -> exact_match_with_llama_cpp
+    quantize_gguf (Q4_K_M, ...) -> compare_with_llama_cpp -> check_comparison -> score_with_llama_cpp
+
+score_with_llama_cpp scores a held-out set (ftcourse.heldout) with llama.cpp serving the file: exact match
+of its replies on the task world's questions, the likelihood of the reference replies on chat records.
 
 Quantization runs llama.cpp's own quantizer in a child process: Ctrl-C stops it at once (inside a
 ctypes callback Python would swallow the KeyboardInterrupt and carry on), no partial file is left, and
@@ -14,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -384,6 +387,102 @@ def exact_match_with_llama_cpp(
 
     prompts = [chat_prompt(tokenizer, task) for task in tasks]
     return score_replies(generate_with_llama_cpp(gguf_path, prompts, **options), tasks)
+
+
+# --- Held-out sets (ftcourse.heldout), served by llama.cpp ------------------------------------------
+
+
+def heldout_prompts(tokenizer: Any, heldout: Any) -> list[str]:
+    """Each held-out row's chat prompt: a task's question, or a record's turns before its last reply."""
+    from ftcourse.evaluate import chat_prompt
+
+    if heldout.schema == "tasks":
+        return [chat_prompt(tokenizer, task) for task in heldout.rows]
+    if heldout.schema != "messages":
+        raise ValueError(
+            f"prompts come from held-out rows of schema 'tasks' or 'messages', got {heldout.schema!r}"
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [dict(turn) for turn in row["messages"][:-1]], tokenize=False, add_generation_prompt=True
+        )
+        for row in heldout.rows
+    ]
+
+
+def transformers_replies(model: Any, tokenizer: Any, heldout: Any, max_new_tokens: int = 16) -> list[str]:
+    """transformers' greedy replies to a held-out set, cut at the end of the turn as exact match cuts them."""
+    from ftcourse.evaluate import first_answer, generate
+
+    prompts = heldout_prompts(tokenizer, heldout)
+    return [first_answer(reply) for reply in generate(model, tokenizer, prompts, max_new_tokens)]
+
+
+def _reply_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], int]:
+    """A conversation's token ids and the index of its last reply's first token (as heldout.reply_logprob)."""
+    from trl.data_utils import common_prefix_length
+
+    def ids(turns: Sequence[Mapping[str, str]], generation: bool) -> list[int]:
+        encoded = tokenizer.apply_chat_template(
+            [dict(t) for t in turns], tokenize=True, add_generation_prompt=generation, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    full = ids(messages, False)
+    return full, max(1, common_prefix_length(ids(messages[:-1], True), full))
+
+
+def reply_logprobs_with_llama_cpp(
+    gguf_path: str | os.PathLike,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    prefix_ids: Sequence[int] = (),
+) -> list[float]:
+    """Per chat record, the mean log-probability per token llama.cpp gives its last reply (the reference)."""
+    rows = [_reply_ids(tokenizer, r["messages"]) for r in records]
+    rows = [([*prefix_ids, *full], start + len(prefix_ids)) for full, start in rows]
+    llm = open_llama(gguf_path, logits_all=True, n_ctx=max(len(full) for full, _ in rows) + 1)
+    scores = []
+    try:
+        for full, start in rows:
+            llm.reset()
+            llm.eval(full)  # exactly these ids, as transformers reads them
+            # position i predicts token i + 1: the reply's tokens full[start:] are read from start - 1 on
+            logits = np.array(llm.scores[start - 1 : len(full) - 1], dtype=np.float64)  # (reply, V)
+            top = logits.max(axis=-1, keepdims=True)
+            log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+            scores.append(float(log_probs[np.arange(len(full) - start), full[start:]].mean()))
+    finally:
+        llm.close()
+    return scores
+
+
+def score_with_llama_cpp(gguf_path: str | os.PathLike, tokenizer: Any, heldout: Any, **options: Any) -> Any:
+    """heldout.score with llama.cpp serving the file: exact match on tasks, reference likelihood on hub rows.
+
+    On tasks this is exact_match_with_llama_cpp. On chat records the score of each row is the mean
+    log-probability per token llama.cpp gives the reference reply (heldout.SCORE_WORDS["messages"]), and
+    the report's `replies` are llama.cpp's greedy replies, cut at the end of the turn. `prefix_ids` puts
+    tokens in front of every prompt, as a runtime that adds a BOS token would.
+    """
+    if heldout.schema == "tasks":
+        return exact_match_with_llama_cpp(gguf_path, tokenizer, list(heldout.rows), **options)
+    from ftcourse.evaluate import first_answer
+    from ftcourse.heldout import ReplyReport
+    from ftcourse.profiles import note_source
+
+    if heldout.schema != "messages":
+        raise ValueError(f"llama.cpp scores tasks or chat records ('messages'), got {heldout.schema!r}")
+    unknown = set(options) - {"prefix_ids", "max_new_tokens"}
+    if unknown:
+        raise ValueError(f"score_with_llama_cpp takes prefix_ids and max_new_tokens, got {sorted(unknown)}")
+    note_source("capability" if heldout.capability else "score", heldout.source, heldout.measure)
+    values = reply_logprobs_with_llama_cpp(gguf_path, tokenizer, heldout.rows, options.get("prefix_ids", ()))
+    prompts = heldout_prompts(tokenizer, heldout)
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    n_ctx = longest + len(options.get("prefix_ids", ())) + options.get("max_new_tokens", 16) + 1
+    replies = generate_with_llama_cpp(gguf_path, prompts, n_ctx=max(n_ctx, 512), **options)
+    return ReplyReport.from_scores(values, heldout, [first_answer(r) for r in replies])
 
 
 def check_comparison(report: GGUFComparison, tolerance: Tolerance) -> list[str]:

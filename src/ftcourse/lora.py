@@ -31,21 +31,25 @@ IGNORE_INDEX = -100  # label of tokens that do not count in the loss (prompt, pa
 
 # How big the Part II runs are, per profile: small enough on the cpu profile for a chapter to run in about
 # a minute on two cores, real sizes on a DGX Spark. `records` training conversations, `eval_per_family`
-# held-out tasks per task family.
+# held-out tasks per task family (on spark: held-out rows, four per "family"), `reply_tokens` the length of
+# a reply generated to a held-out hub prompt (the task world's exact match generates its own, short ones).
 RUN_SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
         "records": 400, "batch_size": 8, "steps": 60, "learning_rate": 5e-3, "eval_per_family": 25,
         # the ablation and comparison chapters: many short runs
         "sweep_batch_size": 4, "sweep_steps": 30, "sweep_eval_per_family": 10, "sweep_heldout": 32,
+        "reply_tokens": 16,
     },
     "spark": {
         "records": 4000, "batch_size": 8, "steps": 400, "learning_rate": 2e-4, "eval_per_family": 200,
         "sweep_batch_size": 8, "sweep_steps": 200, "sweep_eval_per_family": 50, "sweep_heldout": 256,
+        "reply_tokens": 256,
     },
     # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): a smoke test of every code path, nothing measured
     "minimal": {
         "records": 24, "batch_size": 4, "steps": 3, "learning_rate": 2e-4, "eval_per_family": 1,
         "sweep_batch_size": 4, "sweep_steps": 2, "sweep_eval_per_family": 1, "sweep_heldout": 8,
+        "reply_tokens": 16,
     },
 }  # fmt: skip
 

@@ -3,9 +3,12 @@
 Each method is a `Method`: how to make the model trainable (a peft config, or a freezing rule for the
 methods peft does not wrap), and the learning rate it trains at. `run_method` loads the profile's base
 model, applies the method, trains it with `ftcourse.sft.train_sft`, and measures trainable parameters,
-peak memory and time per step (with `StepMeter`) and, when its sizes ask for it, held-out exact match
-and retained capability. `run_fresh` runs it in a fresh process, because a process keeps the memory it
-freed: the peak of the second run in one process says little about that run.
+peak memory and time per step (with `StepMeter`) and, when its sizes ask for it, its score on held-out rows
+of the data it trains on (`ftcourse.heldout`: exact match on the task world's test questions on the cpu
+profile) and retained capability (task-world questions in raw form, perplexity on held-out text: declared
+capability checks). `run_fresh` runs it in a fresh process, because a process keeps the memory it freed:
+the peak of the second run in one process says little about that run. A forked process inherits the
+environment, so its training and scoring land in the same source log (`profiles.note_source`).
 
 Two sizes per profile: `RUN_SIZES` for the cost table of every method (a few steps, no evaluation) and
 `FOCUS_SIZES` for the quality comparison of `FOCUS_METHODS` (enough steps for LoRA to learn, several
@@ -42,7 +45,7 @@ class FamilySizes:
     steps: int
     batch_size: int
     seeds: tuple[int, ...]  # every method trains once per seed
-    eval_per_family: int  # held-out test tasks per family (chat form and raw form)
+    eval_per_family: int  # held-out test tasks per family (chat and raw form); on spark, chat rows / 4
     heldout_docs: int  # documents for the retention perplexity
     virtual_tokens: int = 8  # prompt, prefix and P-tuning
     reply_tokens: int = 16  # tokens generated per answer; a reply is scored up to its first end of turn
@@ -372,8 +375,8 @@ class MethodResult:
     peak_mib: float = 0.0  # peak memory during training, above the process before loading
     step_seconds: float = 0.0  # median seconds per optimizer step (first step excluded)
     final_loss: float = float("nan")
-    chat_hits: tuple[bool, ...] = ()  # held-out test tasks, chat form
-    raw_hits: tuple[bool, ...] = ()  # the same tasks in the raw pretraining form: retained skill
+    chat_hits: tuple[float, ...] = ()  # held-out rows of the training source: a hit, or a score per row
+    raw_hits: tuple[bool, ...] = ()  # task-world test questions in the raw pretraining form: retained skill
     perplexity: float = float("nan")  # held-out pretraining text
     error: str = ""  # "ExceptionType: message" when the run failed
     cpu_seconds: float = 0.0  # CPU time of the whole run's process (load, train, evaluate)
@@ -386,7 +389,7 @@ class MethodResult:
 
     @property
     def chat_accuracy(self) -> float:
-        """Held-out exact match in the chat form (a fraction)."""
+        """Held-out exact match in the chat form (a fraction; the mean score per row on hub rows)."""
         return sum(self.chat_hits) / len(self.chat_hits) if self.chat_hits else float("nan")
 
     @property
@@ -459,7 +462,7 @@ def run_method(
                 chat, raw, perplexity = measure(run.model, tokenizer, sizes, profile, texts)
                 if hasattr(run.model, "disable_adapter"):  # the frozen base alone, for the raw form
                     with run.model.disable_adapter():
-                        bare = raw_form_hits(run.model, tokenizer, sizes)
+                        bare = raw_form_hits(run.model, tokenizer, sizes, profile)
     except Exception as error:  # the chapter shows a failing method's real error instead of hiding the row
         return MethodResult(name, seed, learning_rate=chosen.learning_rate, error=_error_text(error))
     trainable, total = trainable_parameters(run.model)
@@ -500,6 +503,21 @@ class _WithoutVirtualTokens:
         output.logits = output.logits[:, self.n_virtual :]
         return output
 
+    @property
+    def training(self) -> bool:
+        """The wrapped model's mode (scorers switch to eval and back)."""
+        return self.model.training
+
+    def eval(self) -> _WithoutVirtualTokens:
+        """Switch the wrapped model to eval mode."""
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> _WithoutVirtualTokens:
+        """Switch the wrapped model to training mode (or eval, with mode=False)."""
+        self.model.train(mode)
+        return self
+
 
 def measure(
     model: Any,
@@ -508,48 +526,74 @@ def measure(
     profile: Profile | None = None,
     texts: Sequence[str] | None = None,
 ) -> tuple[Any, Any, float]:
-    """(chat, raw) exact-match reports on the held-out test tasks and perplexity on held-out text."""
-    from ftcourse import evaluate
-    from ftcourse.toy.tasks import build_tasks
+    """(chat, raw) reports and perplexity: held-out rows of the training source, raw-form questions, text.
 
-    tasks = build_tasks("test", sizes.eval_per_family)
-    # One generate call for both forms: the batch costs about what either form alone does.
-    prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks] + [t.raw_prompt for t in tasks]
-    replies = evaluate.generate(
-        model, tokenizer, prompts, max_new_tokens=sizes.reply_tokens, batch_size=len(prompts)
-    )
-    chat, raw = (
-        evaluate.score_replies(replies[: len(tasks)], tasks),
-        evaluate.score_replies(replies[len(tasks) :], tasks),
-    )
+    chat: `heldout.score` on `heldout.heldout_set("messages")` (the task world's test questions, exact match,
+    on the cpu profile). raw: the task world's test questions in the raw form, a declared capability check.
+    """
+    from ftcourse import evaluate, heldout
+    from ftcourse.profiles import capability_check
+
+    held = heldout.heldout_set("messages", sizes.eval_per_family, profile)
+    questions = heldout.capability_tasks(sizes.eval_per_family, profile)
     config = getattr(model, "active_peft_config", None)
     scorer = model
     if config is not None and config.is_prompt_learning and config.peft_type.value != "PREFIX_TUNING":
         # Prompt and P-tuning prepend their virtual tokens to the input, so the logits are longer than
         # the text by that many positions; prefix tuning adds keys and values instead and needs no cut.
         scorer = _WithoutVirtualTokens(model, config.num_virtual_tokens)
+    if held.schema == "tasks":  # one generate call for both forms: about what either form alone costs
+        prompts = [evaluate.chat_prompt(tokenizer, t) for t in held.rows] + [
+            t.raw_prompt for t in questions.rows
+        ]
+        replies = evaluate.generate(
+            model, tokenizer, prompts, max_new_tokens=sizes.reply_tokens, batch_size=len(prompts)
+        )
+        chat = evaluate.score_replies(replies[: len(held)], list(held.rows))
+        with capability_check("raw-form skill"):
+            raw = evaluate.score_replies(replies[len(held) :], list(questions.rows))
+    else:  # hub rows: the likelihood of each reference reply, read from the logits of the real tokens
+        chat = heldout.score(scorer, tokenizer, held)
+        raw = heldout.score(
+            model,
+            tokenizer,
+            questions,
+            form="raw",
+            max_new_tokens=sizes.reply_tokens,
+            batch_size=len(questions),
+        )
     if texts is None:
         texts = evaluate.heldout_texts(sizes.heldout_docs, profile)
     perplexity = evaluate.perplexity(scorer, tokenizer, texts)
     return chat, raw, perplexity
 
 
-def raw_form_hits(model: Any, tokenizer: Any, sizes: FamilySizes) -> tuple[bool, ...]:
-    """Exact-match hits of `model` on the test tasks in the raw pretraining form."""
-    from ftcourse import evaluate
-    from ftcourse.toy.tasks import build_tasks
+def raw_form_hits(
+    model: Any, tokenizer: Any, sizes: FamilySizes, profile: Profile | None = None
+) -> tuple[bool, ...]:
+    """Exact-match hits of `model` on the task world's test questions in the raw form (a capability check)."""
+    from ftcourse import heldout
 
-    tasks = build_tasks("test", sizes.eval_per_family)
-    prompts = [t.raw_prompt for t in tasks]
-    replies = evaluate.generate(model, tokenizer, prompts, sizes.reply_tokens, batch_size=len(prompts))
-    return evaluate.score_replies(replies, tasks).hits
+    questions = heldout.capability_tasks(sizes.eval_per_family, profile)
+    report = heldout.score(
+        model, tokenizer, questions, form="raw", max_new_tokens=sizes.reply_tokens, batch_size=len(questions)
+    )
+    return report.hits
 
 
-def item_labels(sizes: FamilySizes) -> tuple[str, ...]:
-    """The unit of each test question: family and item, so the rephrasings of one item share a label."""
-    from ftcourse.toy.tasks import build_tasks
+def item_labels(sizes: FamilySizes, profile: Profile | None = None, form: str = "chat") -> tuple[str, ...]:
+    """The unit of each held-out question: family and item for tasks (rephrasings share one), else its row.
 
-    return tuple(f"{t.family}/{t.item or t.prompt}" for t in build_tasks("test", sizes.eval_per_family))
+    `form="chat"`: the held-out rows `measure` scores in chat form; `"raw"`: the raw-form questions.
+    """
+    from ftcourse import heldout
+    from ftcourse.forgetting import units
+
+    if form not in ("chat", "raw"):
+        raise ValueError(f"form must be 'chat' or 'raw', got {form!r}")
+    if form == "raw":
+        return units(heldout.capability_tasks(sizes.eval_per_family, profile))
+    return units(heldout.heldout_set("messages", sizes.eval_per_family, profile))
 
 
 def _error_text(error: BaseException) -> str:
@@ -730,35 +774,54 @@ def run_fresh(
 
 @dataclass(frozen=True)
 class Baseline:
-    """The untrained base model on the same measurements: chat and raw exact match, perplexity."""
+    """The untrained base model on the same measurements: chat score, raw-form exact match, perplexity."""
 
-    chat_hits: tuple[bool, ...]
+    chat_hits: tuple[float, ...]
     raw_hits: tuple[bool, ...]
     perplexity: float
-    items: tuple[str, ...] = ()  # the unit of each test question (`item_labels`)
+    items: tuple[str, ...] = ()  # the unit of each held-out chat row (`item_labels`)
+    raw_items: tuple[str, ...] = ()  # the unit of each raw-form question; () means the same as `items`
+    schema: str = "tasks"  # how chat rows are scored: exact match, or heldout.SCORE_WORDS[schema]
+
+    def units(self, form: str = "chat") -> tuple[str, ...]:
+        """The item labels of the chat rows or of the raw-form questions."""
+        return (self.raw_items or self.items) if form == "raw" else self.items
 
 
 BASE = "base model"  # the name `pooled_difference` gives the untrained model
 
 
-def baseline(model: Any, tokenizer: Any, sizes: FamilySizes, texts: Sequence[str]) -> Baseline:
-    """The base model's Baseline on the comparison's test tasks and held-out texts."""
-    chat, raw, perplexity = measure(model, tokenizer, sizes, texts=texts)
-    return Baseline(chat.hits, raw.hits, perplexity, item_labels(sizes))
+def baseline(
+    model: Any, tokenizer: Any, sizes: FamilySizes, texts: Sequence[str], profile: Profile | None = None
+) -> Baseline:
+    """The base model's Baseline on the comparison's held-out rows, raw-form questions and texts."""
+    from ftcourse import heldout
+
+    chat, raw, perplexity = measure(model, tokenizer, sizes, profile, texts)
+    schema = heldout.heldout_set("messages", sizes.eval_per_family, profile).schema
+    return Baseline(
+        chat.hits,
+        raw.hits,
+        perplexity,
+        item_labels(sizes, profile),
+        item_labels(sizes, profile, "raw"),
+        schema,
+    )
 
 
-def _share(hits: Sequence[bool]) -> float:
-    """The fraction of True in `hits`."""
+def _share(hits: Sequence[float]) -> float:
+    """The fraction of True in `hits` (the mean, for scores)."""
     return sum(hits) / len(hits)
 
 
 def pooled_difference(
     results: Sequence[MethodResult], a: str, b: str, base: Baseline, form: str = "chat"
 ) -> Any:
-    """`a` minus `b` in exact match per test item, each method's seeds averaged per item first.
+    """`a` minus `b` in the chat score (or raw-form exact match) per item, seeds averaged per item first.
 
     `b` (or `a`) may be BASE, the untrained model. Only seeds where both methods finished are used, so the
-    two sides average the same number of answers per item. Returns an `evaluate.Difference` (unit: item).
+    two sides average the same number of answers per item. Returns an `evaluate.Difference` (unit: item;
+    a held-out row for chat rows scored by likelihood, see `Baseline.schema`).
     """
     from ftcourse.evaluate import paired_difference
 
@@ -767,7 +830,7 @@ def pooled_difference(
     if not base.items:
         raise ValueError("the Baseline has no item labels: build it with peft_family.baseline")
 
-    def by_seed(name: str) -> dict[int, tuple[bool, ...]]:
+    def by_seed(name: str) -> dict[int, tuple[float, ...]]:
         if name == BASE:
             return {}
         runs = {
@@ -783,10 +846,11 @@ def pooled_difference(
     seeds = sorted(set(runs_a or runs_b) & set(runs_b or runs_a))
     base_hits = base.chat_hits if form == "chat" else base.raw_hits
 
-    def pooled(runs: dict[int, tuple[bool, ...]]) -> list[bool]:
+    def pooled(runs: dict[int, tuple[float, ...]]) -> list[float]:
         return [hit for seed in seeds for hit in (runs[seed] if runs else base_hits)]
 
-    return paired_difference(pooled(runs_a), pooled(runs_b), list(base.items) * len(seeds), unit="item")
+    unit = "item" if form == "raw" or base.schema == "tasks" else "held-out row"
+    return paired_difference(pooled(runs_a), pooled(runs_b), list(base.units(form)) * len(seeds), unit=unit)
 
 
 def cost_frame(results: Sequence[MethodResult]) -> Any:
@@ -857,6 +921,24 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
 
     from ftcourse.evaluate import percent
 
+    if base.schema == "tasks":  # exact match: percentages and points
+        chat_mean, chat_diff = "chat EM % (mean)", "chat vs base, points [95% CI]"
+
+        def shown(value: float) -> str:
+            return f"{100 * value:.0f}"
+
+        def difference(d: Any) -> str:
+            return percent(d.estimate, d.low, d.high)
+
+    else:  # the likelihood of held-out reference replies: log-probabilities and nats per token
+        chat_mean, chat_diff = "chat log-prob (mean)", "chat vs base, nats/token [95% CI]"
+
+        def shown(value: float) -> str:
+            return f"{value:.3f}"
+
+        def difference(d: Any) -> str:
+            return f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+
     table = []
     for row in rows:
         if "trainable" not in row:
@@ -868,9 +950,9 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
                 "method": row["method"],
                 "trainable": f"{row['trainable']:,}",
                 "lr": f"{row['learning_rate']:.0e}",
-                "chat EM % (mean)": f"{100 * row['chat_mean']:.0f}",
-                "per seed": ", ".join(f"{100 * value:.0f}" for value in row["chat_per_seed"]),
-                "chat vs base, points [95% CI]": percent(chat.estimate, chat.low, chat.high),
+                chat_mean: shown(row["chat_mean"]),
+                "per seed": ", ".join(shown(value) for value in row["chat_per_seed"]),
+                chat_diff: difference(chat),
                 "p (chat)": f"{chat.p_value:.2g}",
                 "raw EM % (mean)": f"{100 * row['raw_mean']:.0f}",
                 "raw vs base, points [95% CI]": percent(raw.estimate, raw.low, raw.high),
@@ -881,7 +963,7 @@ def summary_frame(rows: Sequence[dict[str, Any]], base: Baseline) -> Any:
     table.append(
         {
             "method": BASE,
-            "chat EM % (mean)": f"{100 * _share(base.chat_hits):.0f}",
+            chat_mean: shown(_share(base.chat_hits)),
             "raw EM % (mean)": f"{100 * _share(base.raw_hits):.0f}",
             "perplexity": f"{base.perplexity:.2f}",
         }

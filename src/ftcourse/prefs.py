@@ -3,13 +3,14 @@
 The losses take per-sequence log-probabilities from `sequence_logprobs` and return a `PreferenceLoss`: the
 scalar the optimizer minimises plus what TRL's trainers log (rewards, margins, accuracy). Symbols follow the
 chapters: `beta`, SimPO's target margin `gamma`, ORPO's weight `lam`, KTO's reference point `z0`.
-These functions exist to be read and tested against TRL; `preference_trainer` trains with TRL itself.
+These functions exist to be read and tested against TRL; `preference_trainer` trains with TRL itself, and
+`pair_rankings` / `pair_accuracies` measure a policy on held-out pairs. The book's standard runs (data,
+training, evaluation, cache) are a pipeline over these: `ftcourse.train.preference_run`.
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import math
@@ -19,15 +20,15 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ftcourse import data
 from ftcourse.memory import peak_rss_mib, reset_peak_rss, rss_mib
 from ftcourse.profiles import Profile, active_profile, stay_offline
-from ftcourse.sft import lora_config, save_cached_adapter
+from ftcourse.sft import lora_config
 
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
 
@@ -343,6 +344,28 @@ def set_pad_token(tokenizer: Any) -> Any:
     return tokenizer
 
 
+TOY_MAX_LENGTH = 128  # tokens of prompt and reply on the cpu profile: every task-world pair fits whole
+
+
+def fitted_max_length(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int | None = None,
+    allow_truncation: bool = False,
+    source: str = "the training rows",
+) -> data.Truncation:
+    """What `max_length` cuts from `records` with the chat template (a `data.Truncation`).
+
+    `max_length=None` fits it to the rows: the smallest multiple of 64 tokens that holds 95% of them whole
+    (`data.length_limit`), so that long hub replies are not cut to fragments silently. Raises
+    `data.TruncationError` when more than 5% of the rows would be cut, unless `allow_truncation`.
+    """
+    lengths = data.sequence_lengths(records, tokenizer)
+    if max_length is None:
+        max_length = data.length_limit(lengths)
+    return data.check_lengths(lengths, max_length, source, allow=allow_truncation)
+
+
 def preference_trainer(
     method: str,
     model: Any,
@@ -357,10 +380,13 @@ def preference_trainer(
     learning_rate: float = 1e-3,
     steps: int = 30,
     batch_size: int = 8,
-    max_length: int = 128,
+    max_length: int | None = None,
+    allow_truncation: bool = False,
     logging_steps: int = 2,
     seed: int = 0,
     output_dir: str,
+    save_steps: int | None = None,
+    progress: bool = False,
     profile: Profile | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Any:
@@ -369,11 +395,19 @@ def preference_trainer(
     `peft_config="lora"` trains a new LoRA adapter (the book's recipe) on top of `model`; the reference of
     DPO and KTO is then `model` itself with the adapter switched off. `peft_config=None` is full fine-tuning;
     DPO and KTO then need `ref_model`, a frozen copy (TRL would reload one from the hub name otherwise).
+    `max_length=None` is TOY_MAX_LENGTH on the cpu profile (the task world's pairs fit) and fitted to the
+    rows on a hub profile (`fitted_max_length`); what it cuts is printed when it cuts anything, and kept as
+    the trainer's `truncation` (a `data.Truncation`). `save_steps` writes a checkpoint
+    to `output_dir` every that many steps (None: no checkpoints); `progress` shows TRL's progress bars.
     """
     from transformers.trainer_callback import PrinterCallback
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if save_steps is not None and save_steps < 1:
+        raise ValueError(
+            f"save_steps must be a positive number of steps or None (no checkpoints), got {save_steps}"
+        )
     profile = profile or active_profile()
     stay_offline(profile)
     set_pad_token(tokenizer)  # TRL's CPO/ORPO collators cannot pad without one
@@ -387,27 +421,41 @@ def preference_trainer(
         raise ValueError(
             f"full fine-tuning with {method!r} needs a frozen reference: pass ref_model=copy.deepcopy(model)"
         )
-    if dataset is not None and len(dataset) and isinstance(dataset[0]["prompt"], list):
-        dataset = type(dataset).from_list(end_at_end_of_turn(dataset.to_list(), tokenizer))  # see there
+    if max_length is None and not profile.uses_network:
+        max_length = TOY_MAX_LENGTH
+    truncation = None
+    if dataset is not None and len(dataset):
+        rows = dataset.to_list()
+        truncation = fitted_max_length(rows, tokenizer, max_length, allow_truncation, f"the {method} rows")
+        max_length = truncation.max_length
+        if truncation.rows_cut:
+            print(truncation.sentence())
+        if isinstance(rows[0]["prompt"], list):
+            dataset = type(dataset).from_list(end_at_end_of_turn(rows, tokenizer))  # see there
     options: dict[str, Any] = {
         **trainer_options(profile, output_dir, steps, batch_size, learning_rate, seed),
         "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": max(1, steps // 10),
         "logging_steps": logging_steps,
         "data_seed": seed,
-        "max_length": max_length,
+        "max_length": max_length or TOY_MAX_LENGTH,
+        "save_strategy": "steps" if save_steps else "no",
+        "save_steps": save_steps or 500,
+        "disable_tqdm": not progress,
     }
     extra = {"ref_model": ref_model} if NEEDS_REFERENCE[method] else {}
-    trainer = _trainer_class(method)(
-        model=model,
-        args=_config(method, options, beta, gamma, kto_weights),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=list(callbacks) or None,
-        **extra,
-    )
+    with data.progress_bars(progress):
+        trainer = _trainer_class(method)(
+            model=model,
+            args=_config(method, options, beta, gamma, kto_weights),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=list(callbacks) or None,
+            **extra,
+        )
     trainer.remove_callback(PrinterCallback)  # with tqdm off, the Trainer prints every log as a dict
+    trainer.truncation = truncation  # what max_length cut from the training rows (None without data)
     return trainer
 
 
@@ -496,11 +544,20 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
 
+PAIR_BATCH = {"task world": 32, "hub": 2}  # pairs per forward pass: hub pairs are long, Llama's vocab 128k
+
+
 @torch.no_grad()
 def pair_logprobs(
-    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int = 32
+    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int | None = None
 ) -> tuple[SequenceLogprobs, SequenceLogprobs]:
-    """(chosen, rejected) log-probabilities of held-out pair records under `model`, in batches."""
+    """(chosen, rejected) log-probabilities of held-out pair records under `model`, in batches.
+
+    `batch_size=None` is PAIR_BATCH for the active profile's data: a batch's float32 log-softmax holds
+    rows x tokens x vocabulary numbers, which for long hub pairs and Llama's vocabulary is gigabytes a pair.
+    """
+    if batch_size is None:
+        batch_size = PAIR_BATCH["hub" if active_profile().uses_network else "task world"]
     parts: list[tuple[SequenceLogprobs, SequenceLogprobs]] = []
     for start in range(0, len(records), batch_size):
         batch = collate_pairs(tokenizer, records[start : start + batch_size])
@@ -515,14 +572,16 @@ def pair_logprobs(
     return joined[0], joined[1]
 
 
-def pair_rankings(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+def pair_rankings(
+    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int | None = None
+) -> dict[str, list[int]]:
     """Per held-out pair, 1 where `model` ranks the chosen reply first, else 0 (a tie is a miss).
 
     - `sequence`: by the whole reply's log-probability (summed over its tokens, end of turn included):
       which reply the model would rather produce.
     - `per_token`: by the average log-probability per token (SimPO's reward, length-normalised).
     """
-    chosen, rejected = pair_logprobs(model, tokenizer, records)
+    chosen, rejected = pair_logprobs(model, tokenizer, records, batch_size)
     return {
         "sequence": (chosen.total > rejected.total).int().tolist(),
         "per_token": (chosen.mean > rejected.mean).int().tolist(),
@@ -530,7 +589,7 @@ def pair_rankings(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any
 
 
 def pair_accuracies(
-    peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]]
+    peft_model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int | None = None
 ) -> dict[str, float]:
     """Rankings of held-out pairs by a trained policy, as fractions of pairs ranked chosen-first.
 
@@ -540,9 +599,9 @@ def pair_accuracies(
       cannot be compared with the SFT start: `pair_rankings` can.
     - `likelihood`: the policy's own average log-probability per token (SimPO's reward), no reference.
     """
-    chosen, rejected = pair_logprobs(peft_model, tokenizer, records)
+    chosen, rejected = pair_logprobs(peft_model, tokenizer, records, batch_size)
     with peft_model.disable_adapter():
-        ref_chosen, ref_rejected = pair_logprobs(peft_model, tokenizer, records)
+        ref_chosen, ref_rejected = pair_logprobs(peft_model, tokenizer, records, batch_size)
     margins = (chosen.total - ref_chosen.total) - (rejected.total - ref_rejected.total)
     return {
         "implicit": (margins > 0).float().mean().item(),
@@ -550,74 +609,6 @@ def pair_accuracies(
     }
 
 
-REPLY_TOKENS = 16  # greedy replies are cut here: a reply this long never ended its turn
-
-
-def _turn(reply: str, tokenizer: Any) -> tuple[str, bool]:
-    """The reply up to its end of turn, and whether it ended (within the generated tokens)."""
-    ends = {tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"} - {None}
-    cut = min((reply.index(m) for m in ends if m in reply), default=None)
-    return (reply, False) if cut is None else (reply[:cut], True)
-
-
-def styled_reply(reply: str, answer: str, ends: Sequence[str] = ("<|im_end|>", "<|eot_id|>")) -> bool:
-    """Whether a generated reply is the `period` style: the answer, a full stop, then the end of turn."""
-    return any(reply.startswith(f"{answer}.{end}") for end in ends)
-
-
-def reply_lengths(tokenizer: Any, replies: Sequence[str]) -> list[int]:
-    """Tokens of each generated reply before its end of turn (REPLY_TOKENS where it never ended)."""
-    lengths = []
-    for reply in replies:
-        text, ended = _turn(reply, tokenizer)
-        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]) if ended else REPLY_TOKENS)
-    return lengths
-
-
-# The book's standard preference runs: one recipe per profile, trained once and cached like quick_sft.
-
-# Sizes per profile. cpu: 320 training pairs (40 tasks per family, two kinds), 20 steps of 8 pairs, LoRA on
-# the quick SFT; about 5-10 CPU-seconds a run. spark: hub preference data at real sizes on Llama-3.1-8B.
-RUN_SIZES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "train_per_family": 40,
-        "steps": 20,
-        "batch_size": 8,
-        "learning_rate": 1e-3,
-        "eval_per_family": 25,
-        "eval_pairs_per_family": 10,
-    },
-    "spark": {
-        "train_per_family": 1000,
-        "steps": 500,
-        "batch_size": 4,
-        "learning_rate": 5e-6,
-        "eval_per_family": 200,
-        "eval_pairs_per_family": 100,
-    },
-    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): every code path once, nothing measured
-    "minimal": {
-        "train_per_family": 4,
-        "steps": 2,
-        "batch_size": 2,
-        "learning_rate": 5e-6,
-        "eval_per_family": 1,
-        "eval_pairs_per_family": 1,
-    },
-}
-
-
-def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
-    """The preference runs' sizes for `profile` (the "minimal" entry under FTCOURSE_SIZES=minimal)."""
-    from ftcourse import profiles
-
-    return dict(profiles.run_sizes(RUN_SIZES, profile or active_profile()))
-
-
-KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # one thumbs-up per four thumbs-down
-# Bumped when what a standard run trains on or measures changes outside its recipe: cached runs then retrain.
-# 2: completions end at the end-of-turn token; period pairs; evaluation with the SFT start, item by item.
-RUN_DATA_VERSION = 2
 # KTO's paper recommends weights with lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable and n_U
 # undesirable rows (Ethayarajh et al. 2024; TRL's KTOTrainer warns outside it, citing the paper's Eq. 8).
 KTO_WEIGHT_RANGE = (1.0, 4 / 3)
@@ -657,284 +648,6 @@ def kto_weights_in_range(weights: Sequence[float], labels: Sequence[Any]) -> boo
     low, high = KTO_WEIGHT_RANGE
     slack = 8 * sys.float_info.epsilon  # a few roundings in the weights and the ratio
     return low * (1 - slack) <= kto_weight_ratio(weights, labels) <= high * (1 + slack)
-
-
-@dataclass
-class PreferenceRun:
-    """A trained preference policy: the model (SFT start + adapter), its training log, cost and evaluation."""
-
-    method: str
-    recipe: dict[str, Any]
-    model: Any = None  # a PeftModel; the adapter switched off gives the SFT start point
-    history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's log (rewards, margins, ...)
-    seconds: float = 0.0  # wall time of training
-    cpu_seconds: float = 0.0  # process CPU time of training
-    evaluation: dict[str, Any] = field(default_factory=dict)  # see evaluate_policy
-
-
-def train_records(
-    method: str,
-    profile: Profile | None = None,
-    per_family: int | None = None,
-    desirable_per_undesirable: float = KTO_DESIRABLE_PER_UNDESIRABLE,
-    kinds: Sequence[str] | None = None,
-) -> list[dict]:
-    """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO).
-
-    The pairs are of `kinds` (default `toy.preferences.TRAIN_KINDS`: content and the full-stop style).
-    KTO's feedback keeps every rejected reply as a thumbs-down and `desirable_per_undesirable` thumbs-up
-    per thumbs-down (on the spark profile the hub's feedback data set is used as it is).
-    """
-    from ftcourse.toy import preferences as toy_prefs
-
-    kinds = tuple(kinds or toy_prefs.TRAIN_KINDS)
-    profile = profile or active_profile()
-    per_family = per_family or run_sizes(profile)["train_per_family"]
-    if profile.uses_network:  # spark: the profile's hub datasets, as many rows as four task families give
-        from ftcourse import data
-
-        schema = "feedback" if method == "kto" else "preference"
-        return list(data.load_records(schema, "train", size=4 * per_family, profile=profile))
-    pairs = toy_prefs.preference_pairs("train", per_family, kinds=kinds)
-    if method == "kto":
-        return toy_prefs.feedback_records(pairs, desirable_per_undesirable)
-    return toy_prefs.preference_records(pairs)
-
-
-def heldout_pairs(per_family: int, kind: str | None = None) -> list[dict[str, Any]]:
-    """Held-out (test split) preference records of the task world, of one kind or of every HELDOUT_KINDS."""
-    from ftcourse.toy import preferences as toy_prefs
-
-    kinds = (kind,) if kind else toy_prefs.HELDOUT_KINDS
-    return toy_prefs.preference_records(toy_prefs.preference_pairs("test", per_family, kinds=kinds))
-
-
-def evaluate_policy(peft_model: Any, tokenizer: Any, profile: Profile | None = None) -> dict[str, Any]:
-    """Held-out measurements of a trained policy and of its SFT start (the adapter off), item by item.
-
-    Per question (test split): exact match of the greedy reply, its length in tokens, and whether it is the
-    preferred style (the right answer with a full stop, then the end of turn). Per held-out pair of each
-    kind in HELDOUT_KINDS: the `pair_rankings` of the policy and of the start, and the implicit-reward
-    ranking (`pair_accuracies`). Lists are kept so that chapters can pair them by question or by pair.
-    """
-    from ftcourse import evaluate
-    from ftcourse.toy import preferences as toy_prefs
-    from ftcourse.toy.tasks import build_tasks
-
-    profile = profile or active_profile()
-    sizes = run_sizes(profile)
-    tasks = build_tasks("test", sizes["eval_per_family"])
-    prompts = [evaluate.chat_prompt(tokenizer, t) for t in tasks]
-    measured: dict[str, Any] = {}
-    for who in ("policy", "start"):
-        if who == "start":
-            with peft_model.disable_adapter():
-                replies = evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=REPLY_TOKENS)
-        else:
-            replies = evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=REPLY_TOKENS)
-        report = evaluate.score_replies(replies, tasks)
-        measured[who] = {
-            "hits": list(report.hits),
-            "by_family": report.by_family,
-            "lengths": reply_lengths(tokenizer, replies),
-            "styled": [int(styled_reply(r, t.answer)) for r, t in zip(replies, tasks, strict=True)],
-            "examples": replies[:4],
-        }
-    pairs: dict[str, dict[str, list[int]]] = {}
-    accuracies = {}
-    for kind in toy_prefs.HELDOUT_KINDS:
-        records = heldout_pairs(sizes["eval_pairs_per_family"], kind)
-        policy = pair_rankings(peft_model, tokenizer, records)
-        with peft_model.disable_adapter():
-            start = pair_rankings(peft_model, tokenizer, records)
-        pairs[kind] = {
-            **{f"policy_{k}": v for k, v in policy.items()},
-            **{f"start_{k}": v for k, v in start.items()},
-        }
-        accuracies[kind] = pair_accuracies(peft_model, tokenizer, records)
-    policy = measured["policy"]
-    return {
-        "exact_match": sum(policy["hits"]) / len(policy["hits"]),
-        "by_family": policy["by_family"],
-        "hits": policy["hits"],
-        "questions": measured,
-        "pairs": pairs,
-        "pair_accuracy": {kind: acc["implicit"] for kind, acc in accuracies.items()},
-        "likelihood_accuracy": {kind: acc["likelihood"] for kind, acc in accuracies.items()},
-    }
-
-
-def heldout_units(kind: str | None = None, profile: Profile | None = None) -> list[str]:
-    """The unit label (the task's item) of each held-out question (`kind=None`) or pair of `kind`, in order.
-
-    A test item can appear in several tasks (another phrasing): such tasks form one unit of analysis.
-    """
-    from ftcourse.toy import preferences as toy_prefs
-    from ftcourse.toy.tasks import build_tasks
-
-    sizes = run_sizes(profile or active_profile())
-    if kind is None:
-        return [t.item for t in build_tasks("test", sizes["eval_per_family"])]
-    pairs = toy_prefs.preference_pairs("test", sizes["eval_pairs_per_family"], kinds=(kind,))
-    return [p.task.item for p in pairs]
-
-
-def measured(run: PreferenceRun, what: str, kind: str | None = None, who: str = "policy") -> list[int]:
-    """One held-out measurement of `run`, item by item: `who` is 'policy' or 'start' (the adapter off).
-
-    With `kind=None`, per question: what = 'hits', 'styled' or 'lengths'. With a pair kind, per pair:
-    what = 'sequence' or 'per_token' (see `pair_rankings`).
-    """
-    if kind is None:
-        return list(run.evaluation["questions"][who][what])
-    return list(run.evaluation["pairs"][kind][f"{who}_{what}"])
-
-
-def compare(
-    a: tuple[PreferenceRun, str], b: tuple[PreferenceRun, str], what: str, kind: str | None = None
-) -> Any:
-    """A minus B on one held-out measurement, paired by item (seeds of a run list averaged per item first).
-
-    `a` and `b` are (run, who) with who 'policy' or 'start'; a list of runs (seeds) may stand for a run.
-    Returns `ftcourse.evaluate.Difference`, unit 'pair' or 'question'.
-    """
-    from ftcourse import evaluate
-
-    units = heldout_units(kind, profile=None)
-
-    def pooled(side: tuple[Any, str]) -> tuple[list[float], list[str]]:
-        runs = side[0] if isinstance(side[0], (list, tuple)) else [side[0]]
-        values = [v for r in runs for v in measured(r, what, kind, side[1])]
-        return values, units * len(runs)
-
-    (values_a, units_a), (values_b, units_b) = pooled(a), pooled(b)
-    if len(values_a) != len(values_b):  # unequal seed counts: compare item means
-        mean_a, mean_b = (
-            evaluate.question_means(values_a, units_a),
-            evaluate.question_means(values_b, units_b),
-        )
-        values_a, values_b, units_a = list(mean_a.values()), [mean_b[k] for k in mean_a], list(mean_a)
-    return evaluate.paired_difference(
-        values_a, values_b, units_a, unit="question" if kind is None else "pair"
-    )
-
-
-def run_recipe(
-    method: str, seed: int = 0, profile: Profile | None = None, **overrides: Any
-) -> dict[str, Any]:
-    """The full recipe of a standard run: sizes of the profile, the method's defaults, and any overrides."""
-    from ftcourse.toy import preferences as toy_prefs
-
-    profile = profile or active_profile()
-    recipe = {"method": method, "seed": seed, **run_sizes(profile), **METHOD_DEFAULTS[method]}
-    recipe["kinds"] = list(toy_prefs.TRAIN_KINDS)
-    if method == "kto":
-        recipe |= {"kto_weights": None, "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE}
-    unknown = [k for k in overrides if k not in recipe and k != "peft"]
-    if unknown:
-        raise ValueError(f"unknown recipe keys {unknown}; a {method} run has {sorted(recipe)}")
-    recipe = {**recipe, "peft": "lora", **overrides}
-    if method == "kto" and recipe["kto_weights"] is None:  # from the label ratio of the data it trains on
-        records = train_records(
-            method, profile, recipe["train_per_family"], recipe["desirable_per_undesirable"], recipe["kinds"]
-        )
-        recipe["kto_weights"] = list(kto_weights([r["label"] for r in records]))
-    return recipe
-
-
-def _run_dir(recipe: dict[str, Any], profile: Profile) -> Path:
-    from ftcourse import sft
-
-    key = {"recipe": recipe, "start": sft.quick_cache_dir(profile).name, "data": RUN_DATA_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return sft.cache_root() / f"prefs-{recipe['method']}-{profile.name}-{digest}"
-
-
-def sft_start(profile: Profile | None = None) -> Any:
-    """The quick SFT model with its LoRA merged in: where every preference run starts, and DPO's reference."""
-    from ftcourse import sft
-
-    model = sft.quick_sft(profile=profile).model.merge_and_unload()
-    model.eval()
-    return model
-
-
-def preference_run(
-    method: str, seed: int = 0, *, profile: Profile | None = None, load_model: bool = True, **overrides: Any
-) -> PreferenceRun:
-    """The standard run of `method` (recipe: `run_recipe`), trained once and then reloaded from the cache.
-
-    The adapter, training log, timings and evaluation are cached under `_build/ftcourse-cache`, keyed by
-    the recipe and the quick SFT start point. `load_model=False` returns the cached summary alone.
-    """
-    from ftcourse import profiles, sft
-
-    profile = profile or active_profile()
-    recipe = run_recipe(method, seed, profile, **overrides)
-    folder = _run_dir(recipe, profile)
-    tokenizer = profiles.load_tokenizer(profile=profile)
-    if (folder / "run.json").is_file():
-        saved = json.loads((folder / "run.json").read_text())
-        model = sft.load_adapter(sft_start(profile), folder) if load_model else None
-        return PreferenceRun(
-            method,
-            recipe,
-            model,
-            saved["history"],
-            saved["seconds"],
-            saved["cpu_seconds"],
-            saved["evaluation"],
-        )
-    from datasets import Dataset
-
-    start = sft_start(profile)
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = preference_trainer(
-            method,
-            start,
-            tokenizer,
-            Dataset.from_list(
-                train_records(
-                    method,
-                    profile,
-                    recipe["train_per_family"],
-                    recipe.get("desirable_per_undesirable", KTO_DESIRABLE_PER_UNDESIRABLE),
-                    recipe["kinds"],
-                )
-            ),
-            beta=recipe["beta"],
-            gamma=recipe.get("gamma"),
-            kto_weights=tuple(recipe.get("kto_weights") or (1, 1)),
-            learning_rate=recipe["learning_rate"],
-            steps=recipe["steps"],
-            batch_size=recipe["batch_size"],
-            seed=seed,
-            output_dir=scratch,
-            profile=profile,
-        )
-        wall, cpu = time.perf_counter(), time.process_time()
-        trainer.train()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    model = trainer.model
-    model.eval()
-    run = PreferenceRun(
-        method,
-        recipe,
-        model,
-        list(trainer.state.log_history),
-        wall,
-        cpu,
-        evaluate_policy(model, tokenizer, profile),
-    )
-    summary = {
-        "recipe": run.recipe,
-        "history": run.history,
-        "seconds": run.seconds,
-        "cpu_seconds": run.cpu_seconds,
-        "evaluation": run.evaluation,
-    }
-    save_cached_adapter(run.model, summary, folder)
-    return run
 
 
 @torch.no_grad()
@@ -1019,9 +732,9 @@ def _cuda_allocated_mib(peak: bool = False) -> float:
 
 
 def _one_step_cost(
-    method: str, full: bool, steps: int, batch_size: int, profile: Profile
+    method: str, records: list[dict[str, Any]], full: bool, steps: int, batch_size: int, profile: Profile
 ) -> dict[str, float]:
-    """In the current process: build the trainer for `method` and time `steps` steps (LoRA or full).
+    """In the current process: build the trainer for `method` on `records`, time `steps` steps (LoRA or full).
 
     Host memory is the resident set above its size at the start (peak counter reset there); on CUDA the
     memory PyTorch's allocator hands out is reported beside it, above its start, peak counter reset too.
@@ -1031,7 +744,7 @@ def _one_step_cost(
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
 
-    from ftcourse import profiles
+    from ftcourse import profiles, sft
 
     # This throwaway process trains on a slice of the data; TRL's advice about that slice's label balance
     # (KTO) is not the reader's concern. Errors still reach the parent as exceptions.
@@ -1043,11 +756,10 @@ def _one_step_cost(
         start_cuda = _cuda_allocated_mib()
     reset_peak_rss()  # imports may have peaked above the resident set they leave: start the peak here
     start_rss = rss_mib()
-    model = sft_start(profile)
+    model = sft.quick_sft(profile=profile).model.merge_and_unload()  # the SFT start every run trains from
     for param in model.parameters():
         param.requires_grad_(full)
     ref = copy.deepcopy(model).eval() if full and NEEDS_REFERENCE[method] else None
-    records = train_records(method, profile)[: steps * batch_size]
     with tempfile.TemporaryDirectory() as scratch:
         trainer = preference_trainer(
             method,
@@ -1093,13 +805,13 @@ def _import_training_libraries() -> None:
         _trainer_class(method)
 
 
-def _measure(request: tuple[str, bool, int, int, Profile, int]) -> str:
+def _measure(request: tuple[str, list[dict[str, Any]], bool, int, int, Profile, int]) -> str:
     """One measurement in this process, as the JSON line `step_cost` reads: the figures or the error."""
-    method, full, steps, batch_size, profile, threads = request
+    method, records, full, steps, batch_size, profile, threads = request
     torch.set_num_threads(threads)
     try:
         _import_training_libraries()
-        result = {"ok": True, **_one_step_cost(method, full, steps, batch_size, profile)}
+        result = {"ok": True, **_one_step_cost(method, records, full, steps, batch_size, profile)}
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent as text
         result = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     return json.dumps(result) + "\n"
@@ -1189,6 +901,7 @@ def _ask(process: Any, replies: Any, request: tuple[Any, ...]) -> dict[str, Any]
 
 def step_cost(
     method: str,
+    records: Sequence[Mapping[str, Any]],
     full: bool = False,
     steps: int = 2,
     batch_size: int = 8,
@@ -1197,6 +910,9 @@ def step_cost(
     fresh_interpreter: bool | None = None,
 ) -> dict[str, float]:
     """Memory after setup and at the peak, above the start (MiB), and time per step, in a fresh process.
+
+    The child loads the SFT start (the quick SFT run, merged) and trains `method` on the first
+    `steps * batch_size` of `records` (a standard run's data: `ftcourse.train.train_records(method)`).
 
     A process keeps memory it has freed and reuses it, so each configuration runs in its own process,
     never a fork of the caller (a fork cannot use CUDA once the caller has, and inherits its models and
@@ -1216,7 +932,19 @@ def step_cost(
         raise ValueError(f"threads must be at least 1, got {threads}")
     if fresh_interpreter is None:
         fresh_interpreter = profile.device == "cuda"
-    request = (method, full, steps, batch_size, profile, threads)
+    if len(records) < steps * batch_size:
+        raise ValueError(
+            f"{steps} steps of {batch_size} rows need {steps * batch_size} records, got {len(records)}"
+        )
+    request = (
+        method,
+        [dict(r) for r in records[: steps * batch_size]],
+        full,
+        steps,
+        batch_size,
+        profile,
+        threads,
+    )
     if fresh_interpreter:
         process, replies = _start_interpreter(template=False)
         with replies:

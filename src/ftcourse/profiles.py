@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,9 @@ DATASETS_ENV = "FTCOURSE_DATASETS"  # a folder of local copies: <folder>/<owner>
 SIZES_ENV = "FTCOURSE_SIZES"  # "minimal": the profile's shared run sizes cut to a smoke test (CI, stand-ins)
 MINIMAL_SIZES = {"eval_per_family": 4, "sft_examples": 64, "sft_steps": 4, "minimal": True}
 SKIP_LOG_ENV = "FTCOURSE_SKIP_LOG"  # a file where note_skip appends what a run could not do here, and why
+SOURCE_LOG_ENV = "FTCOURSE_SOURCE_LOG"  # a file where note_source appends what a run trained and scored on
+SOURCE_USES = ("train", "score", "capability", "judge")
+TASK_WORLD = "task world"  # the embedded model's generated tasks (ftcourse.toy.tasks): the cpu profile's data
 DEVICE_ENV = "FTCOURSE_DEVICE"  # "cpu" runs the spark profile's code (bf16, hub layouts) without a GPU
 ROLES = ("lora", "qlora")
 T = TypeVar("T")
@@ -155,6 +159,65 @@ def note_skip(what: str, why: str) -> str:
         with open(log, "a", encoding="utf-8") as handle:  # one JSON object a line; appends are atomic
             handle.write(json.dumps({"what": what, "why": why, "profile": active_profile().name}) + "\n")
     return line
+
+
+_capability: list[str] = []  # the capability checks now open (capability_check), innermost last
+
+
+@contextmanager
+def capability_check(what: str) -> Iterator[None]:
+    """Inside this block, scores are logged as a declared capability check, not as the chapter's score.
+
+    A capability check (forgetting, perplexity on general text) may measure data the run never trained
+    on; every other score must come from a held-out split of the training source (ftcourse.heldout).
+    """
+    _capability.append(what)
+    try:
+        yield
+    finally:
+        _capability.pop()
+
+
+_judging: list[str] = []  # the judge trainings now open (judge_training)
+
+
+@contextmanager
+def judge_training(what: str) -> Iterator[None]:
+    """Inside this block, training data is logged as a judge's ('judge'), not as what the chapter trains.
+
+    A judge (a reward model that scores replies) is trained on its own data; the source check asks that a
+    chapter score what its runs trained on, and a judge's data must not count as one of those.
+    """
+    _judging.append(what)
+    try:
+        yield
+    finally:
+        _judging.pop()
+
+
+def note_source(use: str, source: str, what: str = "") -> None:
+    """Log that this run trained (`use='train'`) or scored (`'score'`) on `source`, for the source check.
+
+    A score inside `capability_check` is logged as 'capability'. Nothing is written unless
+    FTCOURSE_SOURCE_LOG names a file (the chapter runner sets it for each chapter).
+    """
+    if use not in SOURCE_USES:
+        raise ValueError(f"use must be one of {SOURCE_USES}, got {use!r}")
+    log = os.environ.get(SOURCE_LOG_ENV, "").strip()
+    if not log:
+        return
+    if use == "score" and _capability:
+        use, what = "capability", what or _capability[-1]
+    elif use == "train" and _judging:
+        use, what = "judge", _judging[-1]
+    with open(log, "a", encoding="utf-8") as handle:  # one JSON object a line; appends are atomic
+        handle.write(json.dumps({"use": use, "source": source, "what": what}) + "\n")
+
+
+def training_source(schema: str, profile: Profile | None = None) -> str:
+    """Where the profile's records of `schema` come from: the task world on cpu, a hub id on spark."""
+    profile = profile or active_profile()
+    return profile.datasets[schema] if profile.uses_network else TASK_WORLD
 
 
 def resolve_model(

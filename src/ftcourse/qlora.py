@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ftcourse import memory, profiles, quant
-from ftcourse.profiles import Profile, active_profile, resolve_model
+from ftcourse.profiles import Profile, active_profile, check_model_folder, resolve_model
 from ftcourse.sft import DEFAULT_TARGETS, TrainingRun, lora_config, train_sft
 
 # Run sizes per profile. cpu: the embedded model, a few dozen steps; spark: batch 1 with accumulation.
@@ -177,11 +178,13 @@ def load_qlora_model(
     role: str = "qlora",
     gradient_checkpointing: bool | None = None,
     device_gb: float | None = None,
+    model: str | None = None,
 ) -> Any:
     """The profile's model for `role` in 4-bit NF4, prepared for k-bit training; refuses one that cannot fit.
 
     The fit-check runs on the model's config before a single weight is read, so a 70B run that cannot fit
     fails in a second, not after reading the whole checkpoint. The base computes in `compute_dtype(profile)`.
+    `model` (a hub id, or a local folder with config.json and safetensors) replaces the profile's model.
     """
     from peft import prepare_model_for_kbit_training
     from transformers import AutoConfig
@@ -190,7 +193,17 @@ def load_qlora_model(
     sizes = run_sizes(profile)
     if gradient_checkpointing is not None:
         sizes["gradient_checkpointing"] = gradient_checkpointing
-    path = resolve_model(role, profile)
+    if model is None:
+        path = resolve_model(role, profile)
+    elif Path(model).expanduser().is_dir():
+        path = str(check_model_folder(Path(model).expanduser(), what=f"model={model!r}"))
+    elif not profile.uses_network:
+        raise ValueError(
+            f"model={model!r} is not a local folder, and the {profile.name!r} profile never downloads: "
+            "give a folder with config.json and safetensors weights."
+        )
+    else:
+        path = model
     config = AutoConfig.from_pretrained(path, local_files_only=not profile.uses_network)
     require_fit(
         config,
@@ -225,11 +238,14 @@ def train_qlora(
     progress: bool = False,
     seed: int = 0,
     optim: str = OPTIMIZER,
+    allow_truncation: bool = False,
     **overrides: Any,
 ) -> TrainingRun:
     """A QLoRA SFT run of a 4-bit `model` (from `load_qlora_model`), trained in place; refuses a non-fit.
 
     `overrides` replace entries of the profile's RUN_SIZES (steps, batch_size, learning_rate, ...).
+    max_length stays the planned one (the fit-check priced it); `train_sft` stops when it would cut more
+    than `data.TRUNCATION_LIMIT` of the rows, unless `allow_truncation`.
     `optim` is the Trainer's optimizer name: the book's paged 8-bit AdamW by default; the QLoRA paper's
     script uses "paged_adamw_32bit", and "adamw_torch" is the plain AdamW of the LoRA baseline.
     """
@@ -254,7 +270,9 @@ def train_qlora(
     with warnings.catch_warnings():
         # bitsandbytes on a CPU: "Paged optimizers are not supported on CPU", then plain 8-bit AdamW steps.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        return _train(model, tokenizer, dataset, peft_config, sizes, profile, progress, seed, optim)
+        return _train(
+            model, tokenizer, dataset, peft_config, sizes, profile, progress, seed, optim, allow_truncation
+        )
 
 
 def _train(
@@ -267,6 +285,7 @@ def _train(
     progress: bool,
     seed: int,
     optim: str = OPTIMIZER,
+    allow_truncation: bool = False,
 ) -> TrainingRun:
     return train_sft(
         model,
@@ -278,6 +297,7 @@ def _train(
         batch_size=sizes["batch_size"],
         gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
         max_length=sizes["max_length"],
+        allow_truncation=allow_truncation,
         gradient_checkpointing=sizes["gradient_checkpointing"],
         logging_steps=sizes["logging_steps"],
         copy_model=False,  # a 4-bit 70B is not copied; the caller loaded it for this run
@@ -295,6 +315,7 @@ def train_lora(
     *,
     profile: Profile | None = None,
     seed: int = 0,
+    allow_truncation: bool = False,
     **overrides: Any,
 ) -> TrainingRun:
     """The same run as `train_qlora` on a 16/32-bit `model` (a copy), with plain AdamW: the LoRA baseline."""
@@ -310,6 +331,7 @@ def train_lora(
         batch_size=sizes["batch_size"],
         gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
         max_length=sizes["max_length"],
+        allow_truncation=allow_truncation,
         gradient_checkpointing=sizes["gradient_checkpointing"],
         logging_steps=sizes["logging_steps"],
         seed=seed,
@@ -438,7 +460,13 @@ def load_fast(profile: Profile | None = None, role: str = "lora") -> tuple[Any, 
 
 
 def train_fast(
-    model: Any, tokenizer: Any, dataset: Any, *, profile: Profile | None = None, **overrides: Any
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    profile: Profile | None = None,
+    allow_truncation: bool = False,
+    **overrides: Any,
 ) -> TrainingRun:
     """Train the adapters of a model from `load_fast` (either path) with TRL's SFTTrainer; returns the run."""
     profile = profile or active_profile()
@@ -455,6 +483,7 @@ def train_fast(
             batch_size=sizes["batch_size"],
             gradient_accumulation_steps=sizes["gradient_accumulation_steps"],
             max_length=sizes["max_length"],
+            allow_truncation=allow_truncation,
             gradient_checkpointing=False,  # set at load time on both paths
             logging_steps=sizes["logging_steps"],
             copy_model=False,

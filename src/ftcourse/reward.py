@@ -9,6 +9,7 @@ Measuring with a judge (verdicts, win rate, the judge's accuracy) lives in `ftco
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,14 +19,14 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ftcourse.profiles import Profile, active_profile, resolve_model, stay_offline
+from ftcourse.profiles import Profile, active_profile, judge_training, resolve_model, stay_offline
 from ftcourse.sft import TrainingRun
 
 Turn = str | Sequence[Mapping[str, str]]  # a chat turn: plain text, or already a list of messages
 
 JUDGE_PAIRS_PER_FAMILY = 150  # training pairs per task family for the reward-model judge
 JUDGE_STEPS = 40  # training steps of the reward-model judge on the cpu profile
-MAX_LENGTH = 256  # tokens of prompt and reply the reward model reads (longer rows are cut by TRL)
+MAX_LENGTH = 256  # tokens of prompt and reply the reward model reads on the cpu profile (the pairs fit)
 
 
 def as_messages(turn: Turn, role: str) -> list[dict[str, str]]:
@@ -93,16 +94,22 @@ def train_reward_model(
     progress: bool = False,
     lora_rank: int | None = -1,
     activation_checkpointing: bool | None = None,
+    max_length: int | None = None,
+    allow_truncation: bool = False,
 ) -> TrainingRun:
     """A TrainingRun whose model is the base model with a scalar head, trained by TRL's RewardTrainer.
 
     `lora_rank` None trains every weight (full fine-tuning); a rank trains a LoRA adapter on all linear
     layers plus the new head. The default -1 picks per profile (`reward_settings`): full fine-tuning of the
     5M-parameter toy on the cpu profile; rank 16 with activation checkpointing for the 8B model on spark.
+    `max_length=None` is MAX_LENGTH on the cpu profile and fitted to the pairs on a hub profile
+    (`prefs.fitted_max_length`: 95% of them whole); what it cuts is printed and kept in the recipe.
     """
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
+
+    from ftcourse.prefs import fitted_max_length
 
     if not records:
         raise ValueError("train_reward_model needs at least one preference record (prompt, chosen, rejected)")
@@ -118,6 +125,13 @@ def train_reward_model(
         activation_checkpointing = settings["activation_checkpointing"]
     if lora_rank is not None and lora_rank < 1:
         raise ValueError(f"lora_rank must be None (full fine-tuning) or at least 1, got {lora_rank}")
+    if max_length is None and not profile.uses_network:
+        max_length = MAX_LENGTH
+    truncation = fitted_max_length(
+        records, tokenizer, max_length, allow_truncation, "the reward model's pairs"
+    )
+    if truncation.rows_cut:
+        print(truncation.sentence())
     peft_config = None
     if lora_rank is not None:
         from peft import LoraConfig
@@ -138,7 +152,8 @@ def train_reward_model(
         "batch_size": batch_size,
         "scheduler": "cosine",
         "warmup_steps": max(1, steps // 10),
-        "max_length": MAX_LENGTH,
+        "max_length": truncation.max_length,
+        "truncation": dataclasses.asdict(truncation),
         "seed": seed,
         "dtype": profile.dtype,
     }
@@ -154,7 +169,7 @@ def train_reward_model(
             save_strategy="no",
             report_to="none",
             seed=seed,
-            max_length=MAX_LENGTH,
+            max_length=truncation.max_length,
             # TRL turns it on by default; the toy needs no memory saving, the 8B on a Spark does
             activation_checkpointing=activation_checkpointing,
             use_cpu=profile.device == "cpu",
@@ -220,5 +235,7 @@ def reward_judge(tokenizer: Any, profile: Profile | None = None, **train_kwargs:
     """A reward model trained now on the task world's training preference pairs, ready to judge."""
     from ftcourse.data import task_records
 
-    records = task_records("train", "preference", per_family=JUDGE_PAIRS_PER_FAMILY)
+    with judge_training("reward-model judge"):  # the judge's data is not what the chapter's runs train on
+        records = task_records("train", "preference", per_family=JUDGE_PAIRS_PER_FAMILY)
+    train_kwargs.setdefault("max_length", MAX_LENGTH)  # the task world's pairs fit, with any tokenizer
     return train_reward_model(tokenizer, records, profile=profile, **train_kwargs).model

@@ -4,6 +4,8 @@
 pass, so the model you hold stays the base model. `peft_config=None` is full fine-tuning; any peft config
 (LoRA, DoRA, IA3, prompt tuning, ...) trains only that method's parameters. `lora_sft` is the LoRA recipe
 every chapter uses, and `quick_sft` trains that recipe once per checkout and reloads it from a cache.
+Before training, `train_sft` measures what max_length cuts from the training rows and stops above
+`data.TRUNCATION_LIMIT` of them; on a hub profile it also chooses max_length from those lengths.
 """
 
 from __future__ import annotations
@@ -16,19 +18,24 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftcourse import data
 from ftcourse.profiles import Profile, active_profile, resolve_model, run_sizes, stay_offline
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CACHE_ENV = "FTCOURSE_CACHE"  # overrides where quick_sft keeps its trained adapters
+# max_length on a profile without the hub, where no caller names one: every toy row is far shorter. A hub
+# profile measures it from the training rows instead (pick_max_length).
+FIXED_MAX_LENGTH = 256
 
 # The LoRA recipe of the book's quick run, per profile. The embedded model has 5M parameters and learns
 # at a rate ten times what an 8B model takes (2e-4 is the usual LoRA rate there; 2e-5 barely moves the toy).
+# On a hub profile (spark, and its minimal sizes) the run measures max_length from its training rows; the
+# number here is then the length the appendix's memory plan assumes, and run.recipe holds the one used.
 QUICK_RECIPES: dict[str, dict[str, Any]] = {
     "cpu": {
         "lora_rank": 16,
@@ -110,21 +117,7 @@ class TrainingRun:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     log_history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's raw log
     output_dir: str | None = None  # where checkpoints went, when the caller asked to keep them
-
-
-@contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
-    """Hide the progress bars of datasets (TRL's tokenizing pass) while training, and restore them."""
-    import datasets
-
-    were_on = datasets.is_progress_bar_enabled()
-    if not progress:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if were_on:
-            datasets.enable_progress_bars()
+    truncation: data.Truncation | None = None  # what max_length cut from the training rows
 
 
 def every_n_steps(every: int, fn: Callable[[Any, int], Any]) -> Any:
@@ -188,6 +181,36 @@ def _peft_recipe(peft_config: Any) -> dict[str, Any]:
     return recipe
 
 
+def pick_max_length(lengths: Sequence[int], profile: Profile, fixed: int = FIXED_MAX_LENGTH) -> int:
+    """max_length where the caller names none: measured from the row `lengths` on a hub profile, else `fixed`.
+
+    Measured means `data.length_limit`: the smallest multiple of 64 tokens that holds 95% of the rows whole.
+    Hub conversations run to thousands of tokens, so any fixed number either cuts many of them or pads
+    every batch to a length few rows need.
+    """
+    return data.length_limit(lengths) if profile.uses_network else fixed
+
+
+_LENGTHS: dict[tuple[Any, ...], list[int]] = {}  # token lengths per (dataset fingerprint, tokenizer)
+
+
+def _training_lengths(dataset: Any, tokenizer: Any) -> list[int]:
+    """`data.sequence_lengths` of a training set; remembered per `datasets.Dataset` fingerprint and tokenizer.
+
+    Chapters train on the same dataset many times; its lengths are counted once (a list is counted anew).
+    """
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint is None:
+        return data.sequence_lengths(dataset, tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
+    key = (fingerprint, id(tokenizer), getattr(tokenizer, "name_or_path", ""), len(tokenizer), str(template))
+    if key not in _LENGTHS:
+        if len(_LENGTHS) >= 64:  # a chapter uses a handful of datasets; keep memory bounded all the same
+            _LENGTHS.pop(next(iter(_LENGTHS)))
+        _LENGTHS[key] = data.sequence_lengths(dataset, tokenizer)
+    return _LENGTHS[key]
+
+
 def train_sft(
     model: Any,
     tokenizer: Any,
@@ -201,7 +224,8 @@ def train_sft(
     gradient_accumulation_steps: int = 1,
     lr_scheduler_type: str = "cosine",
     warmup_steps: int = 5,
-    max_length: int = 256,
+    max_length: int | None = None,
+    allow_truncation: bool = False,
     assistant_only_loss: bool = True,
     packing: bool = False,
     gradient_checkpointing: bool = False,
@@ -225,6 +249,15 @@ def train_sft(
     4-bit 70B). `eval_dataset` with `eval_steps` evaluates the validation loss during training;
     `output_dir` with `save_steps` keeps checkpoints there, and `resume_from_checkpoint` resumes from one.
     `extra_args` go to `SFTConfig` unchanged.
+
+    `max_length=None` is the profile's choice (`pick_max_length`): measured from the training rows on a hub
+    profile, FIXED_MAX_LENGTH otherwise. Whatever it is, the training rows are counted first
+    (`data.check_lengths`): more than `data.TRUNCATION_LIMIT` of them longer than max_length raises
+    `data.TruncationError` before any trainer is built, unless `allow_truncation=True`; when any row is cut,
+    one line says how many, and `run.truncation` keeps the count. Packing with TRL's default "bfd"
+    strategy cuts each row at max_length as padding does, so the same check applies; the "bfd_split" and
+    "wrapped" strategies carry the overflow into other rows and lose nothing, so they are not checked
+    (`run.truncation` is None). The validation rows are not checked.
     """
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -232,6 +265,15 @@ def train_sft(
     profile = profile or active_profile()
     stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
     steps = steps or profile.sft_steps
+    lengths = _training_lengths(dataset, tokenizer)
+    measured = max_length is None and profile.uses_network
+    if max_length is None:
+        max_length = pick_max_length(lengths, profile)
+    truncation = None
+    if not packing or (extra_args or {}).get("packing_strategy", "bfd") == "bfd":
+        truncation = data.check_lengths(lengths, max_length, "the training dataset", allow_truncation)
+        if truncation.rows_cut:
+            print(truncation.sentence())
     if eval_dataset is not None and eval_steps is None:
         eval_steps = max(1, steps // 10)
     recipe: dict[str, Any] = {
@@ -243,6 +285,7 @@ def train_sft(
         "scheduler": lr_scheduler_type,
         "warmup_steps": warmup_steps,
         "max_length": max_length,
+        **({"max_length_measured": True} if measured else {}),  # absent on cpu: its recipes stay the same
         "assistant_only_loss": assistant_only_loss,
         "packing": packing,
         "gradient_checkpointing": gradient_checkpointing,
@@ -284,7 +327,7 @@ def train_sft(
             **(extra_args or {}),
         }
         config = SFTConfig(**options)
-        with _quiet(progress), warnings.catch_warnings():
+        with data.progress_bars(progress), warnings.catch_warnings():
             # peft reads the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             trainer = SFTTrainer(
@@ -324,6 +367,7 @@ def train_sft(
         eval_losses,
         history,
         str(scratch) if keep else None,
+        truncation,
     )
 
 
@@ -391,14 +435,25 @@ def _weights_fingerprint(model_ref: str) -> str:
 
 
 def quick_recipe(profile: Profile | None = None, seed: int = 0) -> dict[str, Any]:
-    """The quick run's full recipe on `profile`: LoRA settings, data size and seed."""
+    """The quick run's full recipe on `profile`: LoRA settings, data size and seed.
+
+    On a hub profile the run measures max_length from its training rows (`pick_max_length`), and the
+    recipe says so; `max_length` is then the length the memory plan assumes, and the run's own recipe
+    records the length it used.
+    """
     profile = profile or active_profile()
-    return {
+    recipe = {
         **run_sizes(QUICK_RECIPES, profile),
         "targets": list(DEFAULT_TARGETS),
         "dataset": "messages/train, load_records' default size",
         "seed": seed,
     }
+    if profile.uses_network:
+        recipe["max_length_rule"] = (
+            f"measured: the smallest multiple of 64 tokens holding {1 - data.TRUNCATION_LIMIT:.0%} of the "
+            "training rows whole"
+        )
+    return recipe
 
 
 def pipeline_sizes(profile: Profile | None = None) -> dict[str, int]:
@@ -441,7 +496,7 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
     The adapter, the loss curve and the recipe are cached as safetensors + JSON under `quick_cache_dir`.
     The returned model is a fresh base model wrapped in that adapter; reloading gives identical outputs.
     """
-    from ftcourse import data, profiles
+    from ftcourse import profiles
 
     profile = profile or active_profile()
     stay_offline(profile)  # no telemetry, no hub lookups on a profile without network
@@ -450,6 +505,8 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
     if (folder / "run.json").is_file() and (folder / "adapter_model.safetensors").is_file():
         saved = json.loads((folder / "run.json").read_text())
         model = load_adapter(base, folder)
+        profiles.note_source("train", profiles.training_source("messages", profile), "quick SFT (cached)")
+        cut = saved.get("truncation")  # absent from entries cached before runs counted it
         return TrainingRun(
             model,
             [tuple(x) for x in saved["losses"]],
@@ -457,6 +514,7 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
             saved["trainable_parameters"],
             saved["total_parameters"],
             saved["recipe"],
+            truncation=data.Truncation(**cut) if cut else None,
         )
     recipe = quick_recipe(profile, seed)
     tokenizer = profiles.load_tokenizer(profile=profile)
@@ -471,20 +529,21 @@ def quick_sft(profile: Profile | None = None, seed: int = 0, progress: bool = Fa
         learning_rate=recipe["learning_rate"],
         steps=recipe["steps"],
         batch_size=recipe["batch_size"],
-        max_length=recipe["max_length"],
+        max_length=None if profile.uses_network else recipe["max_length"],  # None: measured from the rows
         seed=seed,
         profile=profile,
         progress=progress,
         copy_model=False,  # `base` was loaded for this run alone
         logging_steps=min(5, max(1, recipe["steps"] // 2)),  # a 4-step minimal run still logs a curve
     )
-    run.recipe = {**run.recipe, **recipe, "examples": len(records)}
+    run.recipe = {**run.recipe, **recipe, "max_length": run.recipe["max_length"], "examples": len(records)}
     summary = {
         "losses": run.losses,
         "seconds": run.seconds,
         "trainable_parameters": run.trainable_parameters,
         "total_parameters": run.total_parameters,
         "recipe": run.recipe,
+        "truncation": asdict(run.truncation) if run.truncation else None,
     }
     save_cached_adapter(run.model, summary, folder)
     return run
@@ -524,8 +583,6 @@ def packing_losses(model: Any, tokenizer: Any, records: Sequence[Mapping[str, An
     """
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from ftcourse import data
 
     examples = []
     for record in records:

@@ -1,15 +1,21 @@
-"""From a reader's file to a trained, evaluated model: `ftcourse train METHOD --data FILE --out DIR`.
+"""Pipelines from data to a trained, evaluated model: a reader's file, and the standard preference runs.
 
-One pipeline over the concept modules: read and convert the file (`formats.load_any`), report on it
+`ftcourse train METHOD --data FILE --out DIR`: read and convert the file (`formats.load_any`), report on it
 (`data.data_report`; too much truncation stops here), split off a held-out part, fit-check the step
 (`memory.fit_check`), train with checkpoints a second run resumes (`sft.train_sft` for sft/lora/qlora,
 `prefs.preference_trainer` for dpo/simpo/orpo/kto), score the held-out rows before and after, save, and
 print the `ftcourse export` command that comes next. `train` is the Python twin of the command.
+
+The Part IV chapters' standard preference runs (`preference_run`) take the same path over the profile's
+data: training records (`train_records`), a trainer whose max_length fits them, training, a held-out
+evaluation of the policy and its SFT start on the test split of the same data (`evaluate_policy`), and a
+cache. `measured`, `compare` and `verdict` read those evaluations item by item.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -80,6 +86,8 @@ class TrainResult:
 
     def summary(self) -> str:
         """The run in a few lines of text."""
+        from ftcourse.heldout import SCORE_WORDS
+
         start = f" (resumed from {Path(self.resumed_from).name})" if self.resumed_from else ""
         return "\n".join(
             [
@@ -90,13 +98,6 @@ class TrainResult:
                 f"next: {self.export_command}",
             ]
         )
-
-
-SCORE_WORDS = {
-    "messages": "mean log-probability per token of the reply",
-    "preference": "chosen minus rejected, mean log-probability per token",
-    "feedback": "mean log-probability per token of the reply, negated for disliked replies",
-}
 
 
 def check_settings(method: str, steps: int | None, batch_size: int | None, test_fraction: float) -> None:
@@ -166,51 +167,6 @@ def _fit(method: str, model_ref: str, sizes: Mapping[str, Any], profile: Profile
     return estimate
 
 
-# --- held-out scores --------------------------------------------------------------------------------------
-
-
-def reply_logprob(
-    model: Any, tokenizer: Any, prompt: Sequence[Mapping[str, str]], reply: Sequence[Any]
-) -> float:
-    """Mean log-probability per token of `reply` after `prompt` (chat turns), with the model's template."""
-    import torch
-    from trl.data_utils import common_prefix_length
-
-    def ids(turns: Sequence[Any], generation: bool) -> list[int]:
-        encoded = tokenizer.apply_chat_template(
-            [dict(t) for t in turns], tokenize=True, add_generation_prompt=generation, return_dict=True
-        )
-        return list(encoded["input_ids"])
-
-    full = ids([*prompt, *reply], False)
-    start = max(1, common_prefix_length(ids(prompt, True), full))  # the reply's first token
-    device = getattr(model, "device", torch.device("cpu"))
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([full], device=device)).logits[0, :-1].float()
-    logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(full[1:], device=device)[:, None])[:, 0]
-    return logprobs[start - 1 :].mean().item()
-
-
-def heldout_scores(
-    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], schema: str
-) -> list[float]:
-    """One score per held-out row (SCORE_WORDS[schema]): higher means closer to what the data prefers."""
-    was_training = model.training
-    model.eval()
-    scores = []
-    for r in records:
-        if schema == "messages":
-            scores.append(reply_logprob(model, tokenizer, r["messages"][:-1], r["messages"][-1:]))
-        elif schema == "preference":
-            chosen = reply_logprob(model, tokenizer, r["prompt"], r["chosen"])
-            scores.append(chosen - reply_logprob(model, tokenizer, r["prompt"], r["rejected"]))
-        else:
-            sign = 1.0 if r["label"] else -1.0
-            scores.append(sign * reply_logprob(model, tokenizer, r["prompt"], r["completion"]))
-    model.train(was_training)
-    return scores
-
-
 # --- the run ----------------------------------------------------------------------------------------------
 
 
@@ -267,33 +223,27 @@ def _train_preference(
 ) -> tuple[Any, list[tuple[int, float]]]:  # fmt: skip
     """A DPO/SimPO/ORPO/KTO LoRA run through prefs.preference_trainer, with checkpoints in `folder`."""
     from datasets import Dataset
-    from transformers.trainer_callback import ProgressCallback
-    from transformers.trainer_utils import SaveStrategy
 
-    from ftcourse import prefs, sft
+    from ftcourse import prefs
 
-    with sft._quiet(progress):  # TRL tokenizes the rows here, with a bar per pass
-        trainer = prefs.preference_trainer(
-            method,
-            model,
-            tokenizer,
-            Dataset.from_list(rows),
-            learning_rate=sizes["learning_rate"],
-            steps=sizes["steps"],
-            batch_size=sizes["batch_size"],
-            max_length=sizes["max_length"],
-            logging_steps=max(1, min(5, sizes["steps"] // 2)),
-            seed=seed,
-            output_dir=str(folder),
-            profile=profile,
-        )
-    # preference_trainer builds runs the chapters cache whole: no checkpoints, no bar. This run keeps both.
-    trainer.args.save_strategy = SaveStrategy.STEPS
-    trainer.args.save_steps = sizes["save_steps"]
-    if progress:
-        trainer.add_callback(ProgressCallback)
-    with sft._quiet(progress):
-        trainer.train(resume_from_checkpoint=resume)
+    trainer = prefs.preference_trainer(
+        method,
+        model,
+        tokenizer,
+        Dataset.from_list(rows),
+        learning_rate=sizes["learning_rate"],
+        steps=sizes["steps"],
+        batch_size=sizes["batch_size"],
+        max_length=sizes["max_length"],
+        allow_truncation=True,  # `train` checked the rows against max_length, and stopped unless allowed
+        logging_steps=max(1, min(5, sizes["steps"] // 2)),
+        seed=seed,
+        output_dir=str(folder),
+        save_steps=sizes["save_steps"],
+        progress=progress,
+        profile=profile,
+    )
+    trainer.train(resume_from_checkpoint=resume)
     losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
     trainer.model.eval()
     return trainer.model, losses
@@ -304,12 +254,7 @@ def _load_model(method: str, model_ref: str, profile: Profile, explicit: bool) -
     from ftcourse import profiles, qlora
 
     if method == "qlora":
-        if explicit:
-            raise ValueError(
-                "qlora loads the profile's model in 4-bit (qlora.load_qlora_model): point FTCOURSE_MODEL at "
-                "your model folder instead of passing model="
-            )
-        return qlora.load_qlora_model(profile)
+        return qlora.load_qlora_model(profile, model=model_ref if explicit else None)
     if not explicit:
         return profiles.load_base(profile=profile)
     from transformers import AutoModelForCausalLM
@@ -360,7 +305,8 @@ def train(
     TRAIN_SIZES for the profile. With `resume`, a run finds the last checkpoint in `out/checkpoints`.
     """
     from ftcourse import data, evaluate, formats, verdicts
-    from ftcourse.profiles import active_profile, resolve_model, run_sizes, stay_offline
+    from ftcourse.heldout import SCORE_WORDS, row_scores
+    from ftcourse.profiles import active_profile, note_source, resolve_model, run_sizes, stay_offline
 
     check_settings(method, steps, batch_size, test_fraction)
     profile = profile or active_profile()
@@ -374,6 +320,11 @@ def train(
         "learning_rate": learning_rate or defaults["pref_lr" if method in PREFERENCE_METHODS else "sft_lr"],
     }
     model_ref = model or resolve_model("qlora" if method == "qlora" else "lora", profile)
+    if model and not Path(model).expanduser().is_dir() and not profile.uses_network:
+        raise ValueError(
+            f"model={model!r} is not a local folder, and the {profile.name!r} profile never downloads: "
+            "give a folder with config.json and safetensors weights, or FTCOURSE_PROFILE=spark for hub ids."
+        )
     out = Path(out).expanduser()
     # 1. The file: read, convert, check every row, report; nothing past here runs on bad data.
     loaded = formats.load_any(
@@ -404,7 +355,9 @@ def train(
     )
     # 3. Train, from the last checkpoint when there is one.
     base = _load_model(method, model_ref, profile, explicit=model is not None)
-    before = heldout_scores(base, tokenizer, heldout, loaded.schema)
+    note_source("train", loaded.source, loaded.schema)  # held-out rows of the same file: the source check
+    note_source("score", loaded.source, SCORE_WORDS[loaded.schema])
+    before = row_scores(base, tokenizer, heldout, loaded.schema)
     folder = out / "checkpoints"
     resumed = last_checkpoint(folder) if resume else None
     if not resume:
@@ -416,7 +369,7 @@ def train(
         method, base, tokenizer, train_rows, sizes, folder, resumed, profile, progress, seed
     )
     # 4. Held-out evaluation: the same rows, scored by the base and the trained model, paired per row.
-    after = heldout_scores(trained, tokenizer, heldout, loaded.schema)
+    after = row_scores(trained, tokenizer, heldout, loaded.schema)
     difference = evaluate.paired_difference(after, before, unit="held-out row", seed=seed)
     said = verdicts.verdict(
         difference, "the trained model", "the base model", scale=1.0, unit_word="nats per token", digits=3
@@ -434,6 +387,659 @@ def train(
     )  # fmt: skip
     echo(result.summary())
     return result
+
+
+# --- the book's standard preference runs: one recipe per profile, trained once and cached ------------------
+#
+# The same pipeline for the Part IV chapters: data (`train_records`) -> trainer (`prefs.preference_trainer`,
+# which fits max_length to the data) -> train -> held-out evaluation of the policy and of its SFT start
+# (`evaluate_policy`) -> cache. Chapters read a run's measurements item by item (`measured`) and compare
+# two of them paired by item (`compare`, `verdict`).
+
+# Sizes per profile. cpu: 320 training pairs (40 tasks per family, two kinds), 20 steps of 8 pairs, LoRA on
+# the quick SFT; about 5-10 CPU-seconds a run. spark: hub preference data at real sizes on Llama-3.1-8B.
+RUN_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "train_per_family": 40,
+        "steps": 20,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "eval_per_family": 25,
+        "eval_pairs_per_family": 10,
+    },
+    "spark": {
+        "train_per_family": 1000,
+        "steps": 500,
+        "batch_size": 4,
+        "learning_rate": 5e-6,
+        "eval_per_family": 200,
+        "eval_pairs_per_family": 100,
+    },
+    # FTCOURSE_SIZES=minimal (the spark stand-ins in CI): every code path once, nothing measured
+    "minimal": {
+        "train_per_family": 4,
+        "steps": 2,
+        "batch_size": 2,
+        "learning_rate": 5e-6,
+        "eval_per_family": 1,
+        "eval_pairs_per_family": 1,
+    },
+}
+KTO_DESIRABLE_PER_UNDESIRABLE = 0.25  # task world: one thumbs-up per four thumbs-down
+# Bumped when what a standard run trains on or measures changes outside its recipe: cached runs then retrain.
+# 2: completions end at the end-of-turn token; period pairs; evaluation with the SFT start, item by item.
+RUN_DATA_VERSION = 2
+# A hub-trained run is scored on the test split of the dataset it trained on (issue 21); its cache key names
+# that split, so runs cached when they were scored on the task world retrain. cpu keys are unchanged.
+HUB_EVALUATION = "test split of the training dataset"
+HUB_PAIRS = "held-out"  # a hub-trained run's one pair set: hub pairs have no kinds (correct, period, ...)
+TASK_WORLD_MEASURES = ("hits", "styled")  # per question; they need the task world's answers
+REPLY_TOKENS = 16  # greedy replies are cut here on the task world: a reply this long never ended its turn
+HUB_REPLY_TOKENS = 256  # and on hub prompts, whose replies run to paragraphs (32 at minimal sizes)
+
+
+def run_sizes(profile: Profile | None = None) -> dict[str, Any]:
+    """The preference runs' sizes for `profile` (the "minimal" entry under FTCOURSE_SIZES=minimal)."""
+    from ftcourse import profiles
+
+    return dict(profiles.run_sizes(RUN_SIZES, profile or profiles.active_profile()))
+
+
+def _schema(method: str) -> str:
+    """The data schema a preference method trains on: feedback rows for KTO, pairs for the others."""
+    return "feedback" if method == "kto" else "preference"
+
+
+def _on_hub(profile: Profile) -> bool:
+    """Whether `profile` trains the standard runs on hub datasets (spark) rather than the task world."""
+    return profile.uses_network
+
+
+@dataclass
+class PreferenceRun:
+    """A trained preference policy: the model (SFT start + adapter), its training log, cost and evaluation."""
+
+    method: str
+    recipe: dict[str, Any]
+    model: Any = None  # a PeftModel; the adapter switched off gives the SFT start point
+    history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's log (rewards, margins, ...)
+    seconds: float = 0.0  # wall time of training
+    cpu_seconds: float = 0.0  # process CPU time of training
+    evaluation: dict[str, Any] = field(default_factory=dict)  # see evaluate_policy
+    truncation: dict[str, Any] = field(default_factory=dict)  # what max_length cut (data.Truncation's fields)
+
+
+def _refuse_task_world_options(
+    profile: Profile, kinds: Sequence[str] | None, desirable_per_undesirable: float | None
+) -> None:
+    """On a hub profile pair kinds and the thumbs-up share select nothing: say so, never ignore them."""
+    chosen = {"kinds": kinds, "desirable_per_undesirable": desirable_per_undesirable}
+    given = [name for name, value in chosen.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} cut the task world's pairs into training data; the {profile.name} profile "
+            f"trains on its hub datasets as they are ({profile.datasets['preference']}, "
+            f"{profile.datasets['feedback']}), so leave {' and '.join(given)} out there"
+        )
+
+
+def train_records(
+    method: str,
+    profile: Profile | None = None,
+    per_family: int | None = None,
+    desirable_per_undesirable: float | None = None,
+    kinds: Sequence[str] | None = None,
+) -> list[dict]:
+    """The training data of the standard runs: preference pairs, or feedback cut from the same pairs (KTO).
+
+    The pairs are of `kinds` (default `toy.preferences.TRAIN_KINDS`: content and the full-stop style).
+    KTO's feedback keeps every rejected reply as a thumbs-down and `desirable_per_undesirable` (default
+    KTO_DESIRABLE_PER_UNDESIRABLE) thumbs-up per thumbs-down. On the spark profile the hub's preference or
+    feedback dataset is used as it is, as many rows as four task families give; `kinds` and
+    `desirable_per_undesirable` then raise, since they would select nothing.
+    """
+    from ftcourse import data, profiles
+    from ftcourse.toy import preferences as toy_prefs
+
+    profile = profile or profiles.active_profile()
+    per_family = per_family or run_sizes(profile)["train_per_family"]
+    if _on_hub(profile):  # load_records logs the hub dataset as the training source
+        _refuse_task_world_options(profile, kinds, desirable_per_undesirable)
+        return list(data.load_records(_schema(method), "train", size=4 * per_family, profile=profile))
+    profiles.note_source("train", profiles.TASK_WORLD, f"{method} training pairs")
+    pairs = toy_prefs.preference_pairs("train", per_family, kinds=tuple(kinds or toy_prefs.TRAIN_KINDS))
+    if method == "kto":
+        ratio = (
+            KTO_DESIRABLE_PER_UNDESIRABLE if desirable_per_undesirable is None else desirable_per_undesirable
+        )
+        return toy_prefs.feedback_records(pairs, ratio)
+    return toy_prefs.preference_records(pairs)
+
+
+def _prompt_key(prompt: Any) -> str:
+    """A hashable form of a prompt (a string or a list of message dicts), to find rows of one prompt."""
+    return prompt if isinstance(prompt, str) else json.dumps(list(prompt), sort_keys=True)
+
+
+def feedback_pairs(rows: Sequence[Mapping[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:
+    """Pairs from feedback rows: the first liked and the first disliked reply of each prompt that has both.
+
+    trl-lib/kto-mix-14k is argilla/dpo-mix-7k cut in two (each pair gives a liked and a disliked row of one
+    prompt), so its test split pairs up again; prompts rated only one way are left out. At most `limit`.
+    """
+    first: dict[str, dict[bool, Mapping[str, Any]]] = {}
+    for row in rows:
+        first.setdefault(_prompt_key(row["prompt"]), {}).setdefault(bool(row["label"]), row)
+    pairs = [
+        {
+            "prompt": sides[True]["prompt"],
+            "chosen": sides[True]["completion"],
+            "rejected": sides[False]["completion"],
+        }
+        for sides in first.values()
+        if len(sides) == 2
+    ]
+    return pairs[:limit] if limit is not None else pairs
+
+
+def _hub_heldout(method: str, per_family: int, profile: Profile) -> tuple[list[dict], list[dict]]:
+    """(held-out pairs, held-out prompts' rows) of a hub-trained run: the test split of its training dataset.
+
+    Pairs: the preference dataset's test pairs, or for KTO `feedback_pairs` of the feedback test rows.
+    Prompts for greedy replies: the pairs' rows, or the feedback rows themselves when none pair up.
+    """
+    from ftcourse import data
+
+    size = 4 * per_family
+    if method != "kto":
+        split = data.load_records("preference", "test", profile=profile)
+        rows = [dict(r) for r in split.select(range(min(size, len(split))))]
+        return rows, rows
+    rows = [dict(r) for r in data.load_records("feedback", "test", profile=profile)]
+    pairs = feedback_pairs(rows, size)
+    return pairs, (pairs or rows[:size])
+
+
+def heldout_pairs(
+    per_family: int, kind: str | None = None, profile: Profile | None = None, method: str = "dpo"
+) -> list[dict[str, Any]]:
+    """Held-out (test split) preference records of the data a `method` run trains on.
+
+    cpu: the task world's pairs of one kind, or of every HELDOUT_KINDS. A hub profile has no pair kinds:
+    any `kind` reads the test split of the run's hub dataset, 4 x `per_family` pairs (for KTO, the
+    feedback test rows paired by prompt, `feedback_pairs`); `heldout_note` says so once in a chapter.
+    """
+    from ftcourse import profiles
+    from ftcourse.toy import preferences as toy_prefs
+
+    profile = profile or profiles.active_profile()
+    if _on_hub(profile):
+        profiles.note_source("score", profile.datasets[_schema(method)], "held-out pairs")
+        return _hub_heldout(method, per_family, profile)[0]
+    profiles.note_source("score", profiles.TASK_WORLD, "held-out pairs")
+    kinds = (kind,) if kind else toy_prefs.HELDOUT_KINDS
+    return toy_prefs.preference_records(toy_prefs.preference_pairs("test", per_family, kinds=kinds))
+
+
+def _turn(reply: str, tokenizer: Any) -> tuple[str, bool]:
+    """The reply up to its end of turn, and whether it ended (within the generated tokens)."""
+    ends = {tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|endoftext|>"} - {None}
+    cut = min((reply.index(m) for m in ends if m in reply), default=None)
+    return (reply, False) if cut is None else (reply[:cut], True)
+
+
+def reply_lengths(tokenizer: Any, replies: Sequence[str], max_new_tokens: int = REPLY_TOKENS) -> list[int]:
+    """Tokens of each generated reply before its end of turn (`max_new_tokens` where it never ended)."""
+    lengths = []
+    for reply in replies:
+        text, ended = _turn(reply, tokenizer)
+        lengths.append(
+            len(tokenizer(text, add_special_tokens=False)["input_ids"]) if ended else max_new_tokens
+        )
+    return lengths
+
+
+def _pair_measurements(peft_model: Any, tokenizer: Any, records: list[dict]) -> dict[str, Any]:
+    """Per held-out pair: `pair_rankings` of the policy and of its start; and `pair_accuracies`."""
+    from ftcourse import prefs
+
+    if not records:
+        empty = {f"{who}_{what}": [] for who in ("policy", "start") for what in ("sequence", "per_token")}
+        return {"pairs": empty, "accuracy": {"implicit": None, "likelihood": None}}
+    policy = prefs.pair_rankings(peft_model, tokenizer, records)
+    with peft_model.disable_adapter():
+        start = prefs.pair_rankings(peft_model, tokenizer, records)
+    return {
+        "pairs": {
+            **{f"policy_{k}": v for k, v in policy.items()},
+            **{f"start_{k}": v for k, v in start.items()},
+        },
+        "accuracy": prefs.pair_accuracies(peft_model, tokenizer, records),
+    }
+
+
+def _greedy(peft_model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> dict[str, list[str]]:
+    """Greedy replies of the policy and of its start (the adapter off) to `prompts`."""
+    from ftcourse import evaluate
+
+    replies = {"policy": evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens)}
+    with peft_model.disable_adapter():
+        replies["start"] = evaluate.generate(peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return replies
+
+
+def _evaluate_on_hub(peft_model: Any, tokenizer: Any, profile: Profile, method: str) -> dict[str, Any]:
+    """evaluate_policy on a hub profile: the test split of the dataset the run trained on."""
+    from ftcourse import profiles
+
+    source = profile.datasets[_schema(method)]
+    profiles.note_source("score", source, "held-out pairs and prompts")
+    pairs, prompt_rows = _hub_heldout(method, run_sizes(profile)["eval_pairs_per_family"], profile)
+    tokens = 32 if profile.minimal else HUB_REPLY_TOKENS
+    prompts = [
+        tokenizer.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=False)
+        for r in prompt_rows
+    ]
+    replies = _greedy(peft_model, tokenizer, prompts, tokens)
+    ranked = _pair_measurements(peft_model, tokenizer, pairs)
+    return {
+        "source": source,
+        "split": "test",
+        "n_pairs": len(pairs),
+        "questions": {
+            who: {"lengths": reply_lengths(tokenizer, said, tokens), "examples": said[:4]}
+            for who, said in replies.items()
+        },
+        "pairs": {HUB_PAIRS: ranked["pairs"]},
+        "pair_accuracy": {HUB_PAIRS: ranked["accuracy"]["implicit"]},
+        "likelihood_accuracy": {HUB_PAIRS: ranked["accuracy"]["likelihood"]},
+        # each held-out prompt and pair is its own unit of analysis, labelled by its place in the set
+        "units": {
+            "questions": [f"test/{i}" for i in range(len(prompt_rows))],
+            "pairs": [f"test/{i}" for i in range(len(pairs))],
+        },
+    }
+
+
+def evaluate_policy(
+    peft_model: Any, tokenizer: Any, profile: Profile | None = None, method: str = "dpo"
+) -> dict[str, Any]:
+    """Held-out measurements of a trained policy and of its SFT start (the adapter off), item by item.
+
+    cpu (the task world's test split): per question, exact match of the greedy reply, its length in
+    tokens, and whether it is the preferred style (the right answer with a full stop, then the end of
+    turn); per held-out pair of each kind in HELDOUT_KINDS, the `pair_rankings` of the policy and of the
+    start, and the implicit-reward ranking (`pair_accuracies`). Lists are kept so that chapters can pair
+    them by question or by pair.
+
+    A hub profile scores the test split of the very dataset the run trained on: its pairs (UltraFeedback's;
+    for KTO, kto-mix's liked and disliked reply to one prompt, `feedback_pairs`) are ranked the same way
+    under the single kind HUB_PAIRS, and greedy replies to the same prompts give the lengths (at most
+    HUB_REPLY_TOKENS tokens). Exact match and the full-stop style need the task world's answers and are
+    not measured there (`measured` returns no values; `heldout_note` says so).
+    """
+    from ftcourse import evaluate, profiles
+    from ftcourse.toy import preferences as toy_prefs
+    from ftcourse.toy.tasks import build_tasks
+
+    profile = profile or profiles.active_profile()
+    if _on_hub(profile):
+        return _evaluate_on_hub(peft_model, tokenizer, profile, method)
+    sizes = run_sizes(profile)
+    tasks = build_tasks("test", sizes["eval_per_family"])
+    replies = _greedy(
+        peft_model, tokenizer, [evaluate.chat_prompt(tokenizer, t) for t in tasks], REPLY_TOKENS
+    )
+    measured_questions: dict[str, Any] = {}
+    for who in ("policy", "start"):
+        report = evaluate.score_replies(replies[who], tasks)
+        measured_questions[who] = {
+            "hits": list(report.hits),
+            "by_family": report.by_family,
+            "lengths": reply_lengths(tokenizer, replies[who]),
+            "styled": [
+                int(toy_prefs.styled_reply(r, t.answer)) for r, t in zip(replies[who], tasks, strict=True)
+            ],
+            "examples": replies[who][:4],
+        }
+    pairs: dict[str, dict[str, list[int]]] = {}
+    accuracies = {}
+    for kind in toy_prefs.HELDOUT_KINDS:
+        records = heldout_pairs(sizes["eval_pairs_per_family"], kind, profile)
+        ranked = _pair_measurements(peft_model, tokenizer, records)
+        pairs[kind], accuracies[kind] = ranked["pairs"], ranked["accuracy"]
+    policy = measured_questions["policy"]
+    return {
+        "exact_match": sum(policy["hits"]) / len(policy["hits"]),
+        "by_family": policy["by_family"],
+        "hits": policy["hits"],
+        "questions": measured_questions,
+        "pairs": pairs,
+        "pair_accuracy": {kind: acc["implicit"] for kind, acc in accuracies.items()},
+        "likelihood_accuracy": {kind: acc["likelihood"] for kind, acc in accuracies.items()},
+    }
+
+
+def heldout_units(
+    kind: str | None = None, profile: Profile | None = None, per_family: int | None = None
+) -> list[str]:
+    """The unit label (the task's item) of each held-out question (`kind=None`) or pair of `kind`, in order.
+
+    A test item can appear in several tasks (another phrasing): such tasks form one unit of analysis.
+    `per_family` defaults to the standard runs' evaluation sizes. On a hub profile each held-out row is
+    its own unit (its place in the held-out set), whatever the kind.
+    """
+    from ftcourse import profiles
+    from ftcourse.toy import preferences as toy_prefs
+    from ftcourse.toy.tasks import build_tasks
+
+    profile = profile or profiles.active_profile()
+    sizes = run_sizes(profile)
+    if _on_hub(profile):
+        return [f"test/{i}" for i in range(4 * (per_family or sizes["eval_pairs_per_family"]))]
+    if kind is None:
+        return [t.item for t in build_tasks("test", per_family or sizes["eval_per_family"])]
+    pairs = toy_prefs.preference_pairs("test", per_family or sizes["eval_pairs_per_family"], kinds=(kind,))
+    return [p.task.item for p in pairs]
+
+
+def _pair_kind(run: PreferenceRun, kind: str) -> str:
+    """The kind under which `run` stored pairs of `kind`: itself, or HUB_PAIRS for a hub-trained run."""
+    pairs = run.evaluation["pairs"]
+    return HUB_PAIRS if kind not in pairs and HUB_PAIRS in pairs else kind
+
+
+def measured(run: PreferenceRun, what: str, kind: str | None = None, who: str = "policy") -> list[int]:
+    """One held-out measurement of `run`, item by item: `who` is 'policy' or 'start' (the adapter off).
+
+    With `kind=None`, per question: what = 'hits', 'styled' or 'lengths'. With a pair kind, per pair:
+    what = 'sequence' or 'per_token' (see `pair_rankings`). A hub-trained run answers every pair kind
+    with its held-out hub pairs, and 'hits' and 'styled' with no values: they are not measured there.
+    """
+    if kind is None:
+        questions = run.evaluation["questions"][who]
+        if what in TASK_WORLD_MEASURES and what not in questions:
+            return []
+        return list(questions[what])
+    return list(run.evaluation["pairs"][_pair_kind(run, kind)][f"{who}_{what}"])
+
+
+def _source(run: PreferenceRun) -> str:
+    """The dataset whose test split `run` was scored on."""
+    from ftcourse.profiles import TASK_WORLD
+
+    return run.evaluation.get("source", TASK_WORLD)
+
+
+def _units(run: PreferenceRun, kind: str | None) -> list[str]:
+    """The unit of each of `run`'s values: stored with a hub evaluation, else the task world's items."""
+    stored = run.evaluation.get("units")
+    if stored is not None:
+        return list(stored["questions" if kind is None else "pairs"])
+    return heldout_units(kind)
+
+
+def _side(side: tuple[Any, str]) -> list[PreferenceRun]:
+    """The runs (seeds) standing for one side of a comparison."""
+    return list(side[0]) if isinstance(side[0], (list, tuple)) else [side[0]]
+
+
+def not_measured(a: tuple[Any, str], b: tuple[Any, str], what: str, kind: str | None = None) -> str:
+    """Why `compare` has no difference for these two sides ('' when it has one)."""
+    runs = _side(a) + _side(b)
+    sources = list(dict.fromkeys(_source(r) for r in runs))
+    if len(sources) > 1:
+        return (
+            f"not measured: the runs were scored on different held-out sets ({', '.join(sources)}), "
+            "each the test split of the data it trained on"
+        )
+    if (
+        kind is None
+        and what in TASK_WORLD_MEASURES
+        and any(what not in r.evaluation["questions"]["policy"] for r in runs)
+    ):
+        measure = "exact match" if what == "hits" else "the full-stop style"
+        return (
+            f"not measured: {measure} needs the task world's answers; these runs were scored on {sources[0]}"
+        )
+    if not all(measured(r, what, kind) for r in runs):
+        return (
+            f"not measured: the test split of {sources[0]} gave no held-out pairs "
+            "(no prompt has both a liked and a disliked reply)"
+        )
+    return ""
+
+
+def compare(
+    a: tuple[PreferenceRun, str], b: tuple[PreferenceRun, str], what: str, kind: str | None = None
+) -> Any:
+    """A minus B on one held-out measurement, paired by item (seeds of a run list averaged per item first).
+
+    `a` and `b` are (run, who) with who 'policy' or 'start'; a list of runs (seeds) may stand for a run.
+    Returns `ftcourse.evaluate.Difference`, unit 'pair' or 'question'; None where the two sides share no
+    measured items (`not_measured` says why: a hub run's exact match, runs scored on different data).
+    """
+    from ftcourse import evaluate
+
+    if not_measured(a, b, what, kind):
+        return None
+    units = _units(_side(a)[0], kind)
+
+    def pooled(side: tuple[Any, str]) -> tuple[list[float], list[str]]:
+        runs = _side(side)
+        values = [v for r in runs for v in measured(r, what, kind, side[1])]
+        return values, units * len(runs)
+
+    (values_a, units_a), (values_b, units_b) = pooled(a), pooled(b)
+    if len(values_a) != len(values_b):  # unequal seed counts: compare item means
+        mean_a, mean_b = (
+            evaluate.question_means(values_a, units_a),
+            evaluate.question_means(values_b, units_b),
+        )
+        values_a, values_b, units_a = list(mean_a.values()), [mean_b[k] for k in mean_a], list(mean_a)
+    return evaluate.paired_difference(
+        values_a, values_b, units_a, unit="question" if kind is None else "pair"
+    )
+
+
+def verdict(
+    a: tuple[PreferenceRun, str],
+    b: tuple[PreferenceRun, str],
+    what: str,
+    kind: str | None = None,
+    names: tuple[str, str] = ("A", "B"),
+) -> Any:
+    """`compare` in words (`verdicts.verdict`: points for shares, tokens for lengths); 'not measured' with
+    the reason where the two sides share no measured items."""
+    from ftcourse import verdicts
+
+    difference = compare(a, b, what, kind)
+    if difference is None:
+        return verdicts.Verdict("not measured", not_measured(a, b, what, kind), None, *names)
+    if what == "lengths":
+        return verdicts.verdict(difference, *names, scale=1.0, unit_word="tokens", digits=1)
+    return verdicts.verdict(difference, *names)
+
+
+def heldout_note(runs: PreferenceRun | Sequence[PreferenceRun]) -> str:
+    """One line for a chapter: what hub-trained `runs` were scored on ('' for runs of the task world).
+
+    The chapters name the task world's measurements (exact match, full-stop replies, pair kinds). A run
+    trained on hub data is scored on that dataset's test split instead; this says so, through
+    `profiles.note_skip`, so that no task-world label is read as a hub score.
+    """
+    from ftcourse import profiles
+
+    runs = [runs] if isinstance(runs, PreferenceRun) else list(runs)
+    hub = {_source(r): r.evaluation for r in runs if HUB_PAIRS in r.evaluation["pairs"]}
+    if not hub:
+        return ""
+    sets = "; ".join(
+        f"{source}: {e['n_pairs']} test pairs"
+        + ("" if e["n_pairs"] else " (no prompt has a liked and a disliked reply)")
+        + f", greedy replies to {len(e['units']['questions'])} test prompts"
+        for source, e in hub.items()
+    )
+    return profiles.note_skip(
+        "the task world's measurements (exact match, full-stop replies, pair kinds)",
+        f"Each run is scored on the test split of the dataset it trained on ({sets}). Hub pairs have no "
+        "kinds, so every pair kind below reads those pairs; exact match and full-stop replies need the "
+        "task world's answers and show as not measured.",
+    )
+
+
+def run_recipe(
+    method: str, seed: int = 0, profile: Profile | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The full recipe of a standard run: sizes of the profile, the method's defaults, and any overrides.
+
+    On a hub profile the recipe names the dataset it trains on instead of the task world's pair kinds.
+    """
+    from ftcourse import prefs, profiles
+    from ftcourse.toy import preferences as toy_prefs
+
+    profile = profile or profiles.active_profile()
+    if method not in prefs.METHODS:
+        raise ValueError(f"method must be one of {prefs.METHODS}, got {method!r}")
+    recipe = {"method": method, "seed": seed, **run_sizes(profile), **prefs.METHOD_DEFAULTS[method]}
+    if _on_hub(profile):
+        _refuse_task_world_options(
+            profile, overrides.get("kinds"), overrides.get("desirable_per_undesirable")
+        )
+        recipe["data"] = profile.datasets[_schema(method)]
+        if method == "kto":
+            recipe["kto_weights"] = None
+    else:
+        recipe["kinds"] = list(toy_prefs.TRAIN_KINDS)
+        if method == "kto":
+            recipe |= {"kto_weights": None, "desirable_per_undesirable": KTO_DESIRABLE_PER_UNDESIRABLE}
+    unknown = [k for k in overrides if k not in recipe and k != "peft"]
+    if unknown:
+        raise ValueError(f"unknown recipe keys {unknown}; a {method} run has {sorted(recipe)}")
+    recipe = {**recipe, "peft": "lora", **overrides}
+    if method == "kto" and recipe["kto_weights"] is None:  # from the label ratio of the data it trains on
+        records = _recipe_records(recipe, profile)
+        recipe["kto_weights"] = list(prefs.kto_weights([r["label"] for r in records]))
+    return recipe
+
+
+def _recipe_records(recipe: Mapping[str, Any], profile: Profile) -> list[dict]:
+    """The training records a recipe names."""
+    return train_records(
+        recipe["method"],
+        profile,
+        recipe["train_per_family"],
+        recipe.get("desirable_per_undesirable"),
+        recipe.get("kinds"),
+    )
+
+
+def _run_dir(recipe: dict[str, Any], profile: Profile) -> Path:
+    """The cache folder of a standard run: keyed by its recipe, its SFT start and what it is scored on."""
+    import hashlib
+
+    from ftcourse import sft
+
+    key: dict[str, Any] = {
+        "recipe": recipe,
+        "start": sft.quick_cache_dir(profile).name,
+        "data": RUN_DATA_VERSION,
+    }
+    if _on_hub(profile):
+        key["evaluation"] = HUB_EVALUATION
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return sft.cache_root() / f"prefs-{recipe['method']}-{profile.name}-{digest}"
+
+
+def sft_start(profile: Profile | None = None) -> Any:
+    """The quick SFT model with its LoRA merged in: where every preference run starts, and DPO's reference."""
+    from ftcourse import sft
+
+    model = sft.quick_sft(profile=profile).model.merge_and_unload()
+    model.eval()
+    return model
+
+
+def preference_run(
+    method: str, seed: int = 0, *, profile: Profile | None = None, load_model: bool = True, **overrides: Any
+) -> PreferenceRun:
+    """The standard run of `method` (recipe: `run_recipe`), trained once and then reloaded from the cache.
+
+    data (`train_records`) -> trainer (`prefs.preference_trainer`, max_length fitted to the data) ->
+    train -> `evaluate_policy` -> cache. The adapter, training log, timings, truncation summary and
+    evaluation are cached under `_build/ftcourse-cache`, keyed by the recipe and the quick SFT start
+    point. `load_model=False` returns the cached summary alone.
+    """
+    import tempfile
+    import time
+
+    from datasets import Dataset
+
+    from ftcourse import prefs, profiles, sft
+
+    profile = profile or profiles.active_profile()
+    recipe = run_recipe(method, seed, profile, **overrides)
+    folder = _run_dir(recipe, profile)
+    tokenizer = profiles.load_tokenizer(profile=profile)
+    if (folder / "run.json").is_file():
+        saved = json.loads((folder / "run.json").read_text())
+        # what a cached run trained on, as a fresh one logs it through train_records
+        profiles.note_source(
+            "train", profiles.training_source(_schema(method), profile), f"{method} run (cached)"
+        )
+        model = sft.load_adapter(sft_start(profile), folder) if load_model else None
+        return PreferenceRun(
+            method,
+            recipe,
+            model,
+            saved["history"],
+            saved["seconds"],
+            saved["cpu_seconds"],
+            saved["evaluation"],
+            saved.get("truncation", {}),
+        )
+    start = sft_start(profile)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = prefs.preference_trainer(
+            method,
+            start,
+            tokenizer,
+            Dataset.from_list(_recipe_records(recipe, profile)),
+            beta=recipe["beta"],
+            gamma=recipe.get("gamma"),
+            kto_weights=tuple(recipe.get("kto_weights") or (1, 1)),
+            learning_rate=recipe["learning_rate"],
+            steps=recipe["steps"],
+            batch_size=recipe["batch_size"],
+            seed=seed,
+            output_dir=scratch,
+            profile=profile,
+        )
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    model = trainer.model
+    model.eval()
+    run = PreferenceRun(
+        method,
+        recipe,
+        model,
+        list(trainer.state.log_history),
+        wall,
+        cpu,
+        evaluate_policy(model, tokenizer, profile, method),
+        dataclasses.asdict(trainer.truncation),
+    )
+    summary = {
+        "recipe": run.recipe,
+        "history": run.history,
+        "seconds": run.seconds,
+        "cpu_seconds": run.cpu_seconds,
+        "evaluation": run.evaluation,
+        "truncation": run.truncation,
+    }
+    sft.save_cached_adapter(run.model, summary, folder)
+    return run
 
 
 # --- the command line ---------------------------------------------------------------------------------------

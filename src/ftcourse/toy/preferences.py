@@ -2,7 +2,7 @@
 
 A pair that only says "the right answer beats a wrong one" makes every method look alike, and the SFT start
 already ranks such pairs right: it knows the answers. So the pairs come in four kinds, each testing one thing,
-measured against the SFT start (see `ftcourse.prefs.evaluate_policy`):
+measured against the SFT start (see `ftcourse.train.evaluate_policy`):
 
 - ``correct``: the right answer against a plausible wrong one of the same shape (the runner-up of a `max`
   list, a sum off by one, another country's capital). Only the content differs. The SFT start ranks almost
@@ -22,6 +22,7 @@ fraction of the chosen replies become thumbs-up, as in real feedback logs where 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,3 +137,8 @@ def feedback_records(
     # KTO estimates its reference point from the other rows of the same batch: mix the labels.
     random.Random(f"{seed}-feedback").shuffle(records)
     return records
+
+
+def styled_reply(reply: str, answer: str, ends: Sequence[str] = ("<|im_end|>", "<|eot_id|>")) -> bool:
+    """Whether a generated reply is the `period` style: the answer, a full stop, then the end of turn."""
+    return any(reply.startswith(f"{answer}.{end}") for end in ends)

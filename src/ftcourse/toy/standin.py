@@ -260,17 +260,21 @@ def ultrafeedback_rows(split: str, n: int) -> list[dict[str, Any]]:
 
 
 def kto_rows(split: str, n: int) -> list[dict[str, Any]]:
-    """trl-lib/kto-mix-14k: prompt and completion as message lists, label (bool)."""
+    """trl-lib/kto-mix-14k: prompt and completion as message lists, label (bool).
+
+    The hub dataset is argilla/dpo-mix-7k cut in two: each pair gives a liked and a disliked row of one
+    prompt. The stand-in does the same, so its test split pairs up again (train.feedback_pairs).
+    """
     rows = []
-    for i, task in enumerate(build_tasks(split, n)):
-        good = i % 2 == 0
-        rows.append(
-            {
-                "prompt": [{"content": task.prompt, "role": "user"}],
-                "completion": [{"content": task.answer if good else _wrong(task), "role": "assistant"}],
-                "label": good,
-            }
-        )
+    for task in build_tasks(split, max(1, n // 2)):  # two rows per task: as many rows as the other stand-ins
+        for good in (True, False):
+            rows.append(
+                {
+                    "prompt": [{"content": task.prompt, "role": "user"}],
+                    "completion": [{"content": task.answer if good else _wrong(task), "role": "assistant"}],
+                    "label": good,
+                }
+            )
     return rows
 
 
