@@ -47,6 +47,16 @@ def test_describe_names_the_profile_and_the_switch(monkeypatch):
     assert "`cpu`" in text and "FTCOURSE_PROFILE=spark" in text and "embedded" in text
 
 
+def test_model_label_never_shows_a_machine_path(model_copy, monkeypatch):
+    monkeypatch.delenv("FTCOURSE_PROFILE", raising=False)
+    monkeypatch.delenv("FTCOURSE_MODEL", raising=False)
+    assert profiles.model_label() == "embedded tiny Llama (`ftcourse/toy/weights`)"
+    monkeypatch.setenv("FTCOURSE_MODEL", str(model_copy))  # a reader's folder: its name, not its path
+    assert profiles.model_label() == "model" and str(model_copy) not in profiles.describe()
+    monkeypatch.delenv("FTCOURSE_MODEL")
+    assert profiles.model_label("qlora", profiles.PROFILES["spark"]) == "meta-llama/Llama-3.1-70B-Instruct"
+
+
 # --- FTCOURSE_MODEL pointing at something that is not a model -----------------------------------
 
 

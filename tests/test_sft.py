@@ -269,3 +269,26 @@ def test_the_quick_run_under_the_spark_standins_measures_and_records_max_length(
     assert run.truncation == data.check_lengths(lengths, run.recipe["max_length"])
     again = sft.quick_sft(spark)  # from the cache: the same recipe and the same count
     assert again.recipe == run.recipe and again.truncation == run.truncation
+
+
+def test_trl_draws_the_same_starting_adapter_as_peft_after_the_same_seed():
+    # lora-from-scratch says TRL's run starts from the page's A: TRL seeds (set_seed(args.seed)) right
+    # before it wraps the model, as the page does with torch.manual_seed(0). A learning rate of 0 keeps
+    # the start; a TRL that stopped seeding there would make the page's sentence false.
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = profiles.load_base(), profiles.load_tokenizer()
+    config = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
+    torch.manual_seed(0)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+    records = data.load_records("messages", "train", size=4)
+    run = sft.train_sft(
+        base, tokenizer, records, peft_config=LoraConfig(**config), steps=1, learning_rate=0.0, batch_size=4,
+        warmup_steps=0, seed=0, progress=False,
+    )  # fmt: skip
+    theirs = {k: v for k, v in run.model.state_dict().items() if "lora_A" in k}
+    mine = {k: v for k, v in ours.state_dict().items() if "lora_A" in k}
+    assert theirs.keys() == mine.keys() and len(mine) > 0
+    assert all(torch.equal(theirs[k], mine[k]) for k in mine)

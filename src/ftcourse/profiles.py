@@ -321,12 +321,19 @@ def load_base(role: str = "lora", profile: Profile | None = None, **kwargs: Any)
     return model
 
 
+def model_label(role: str = "lora", profile: Profile | None = None) -> str:
+    """The model for `role` as a page shows it: a hub id, a local folder's name, or the embedded model."""
+    profile = profile or active_profile()
+    model = resolve_model(role, profile)
+    if profile.models[role] == "embedded" and not os.environ.get(MODEL_ENV, "").strip():
+        return "embedded tiny Llama (`ftcourse/toy/weights`)"
+    return Path(model).name if Path(model).is_dir() else model  # a folder's path would leak this machine's
+
+
 def describe(profile: Profile | None = None) -> str:
     """A short Markdown summary of the active profile, for the first cell of every chapter."""
     profile = profile or active_profile()
-    model = resolve_model("lora", profile)
-    if profile.models["lora"] == "embedded" and not os.environ.get(MODEL_ENV, "").strip():
-        model = "embedded tiny Llama (`ftcourse/toy/weights`)"
+    model = model_label("lora", profile)
     rows = [
         ("profile", f"`{profile.name}`: {profile.summary}"),
         ("model (LoRA chapters)", model),
