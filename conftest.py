@@ -405,9 +405,10 @@ class ChapterItem(NotebookItem):
             cpu = _children_cpu_seconds() - cpu_start  # the kernel is a child of pytest, reaped at the end
             wall_times = self.config.stash.setdefault(_WALL_TIMES, {})
             wall_times[chapter] = (seconds, cpu if cpu > 0 else None, passed)
-        mismatches = source_mismatches(read_source_log(source_log))
+        sources = read_source_log(source_log)
+        mismatches = source_mismatches(sources)
         if mismatches:
-            trained = sorted({e["source"] for e in read_source_log(source_log) if e.get("use") == "train"})
+            trained = sorted({e["source"] for e in sources if e.get("use") == "train"})
             pytest.fail(
                 f"{chapter} trained on {trained} but {'; '.join(mismatches)}. Score a held-out split of the "
                 "training source (ftcourse.heldout.heldout_set and score), or declare a capability check "

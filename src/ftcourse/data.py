@@ -1257,6 +1257,23 @@ def check_lengths(
     )
 
 
+def fit_lengths(
+    lengths: Sequence[int],
+    max_length: int | None = None,
+    source: str = "the training rows",
+    allow: bool = False,
+) -> Truncation:
+    """`check_lengths` at `max_length` (None: `length_limit` of the rows), printed when it cuts any row.
+
+    The one place a training run decides what its max_length cuts: SFT, preference and reward-model runs
+    call it before they build a trainer, so a run that would cut too much stops before any work.
+    """
+    cut = check_lengths(lengths, length_limit(lengths) if max_length is None else max_length, source, allow)
+    if cut.rows_cut:
+        print(cut.sentence())
+    return cut
+
+
 def length_limit(lengths: Sequence[int], keep: float = 1 - TRUNCATION_LIMIT, step: int = 64) -> int:
     """The smallest multiple of `step` tokens that holds at least `keep` of the rows whole.
 

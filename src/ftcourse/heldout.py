@@ -10,6 +10,7 @@ there is no exact answer, so a held-out row is scored by how likely the model fi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,15 +198,13 @@ def score(model: Any, tokenizer: Any, heldout: HeldOut, **exact_match_options: A
     `evaluate.exact_match`) and a `ReplyReport` for hub rows; both have overall, by_family, hits and
     with_intervals. A set marked `capability` is logged as a capability check.
     """
-    if heldout.schema == "tasks":
-        if heldout.capability:
-            with capability_check("task-world probe"):
-                return evaluate.exact_match(model, tokenizer, list(heldout.rows), **exact_match_options)
-        return evaluate.exact_match(model, tokenizer, list(heldout.rows), **exact_match_options)
-    if exact_match_options:
-        raise ValueError(
-            f"{sorted(exact_match_options)} apply to exact match on tasks; the held-out rows of "
-            f"{heldout.source!r} are scored by {heldout.measure}"
-        )
-    note_source("capability" if heldout.capability else "score", heldout.source, heldout.measure)
-    return ReplyReport.from_scores(row_scores(model, tokenizer, heldout.rows, heldout.schema), heldout)
+    with capability_check("task-world probe") if heldout.capability else nullcontext():
+        if heldout.schema == "tasks":
+            return evaluate.exact_match(model, tokenizer, list(heldout.rows), **exact_match_options)
+        if exact_match_options:
+            raise ValueError(
+                f"{sorted(exact_match_options)} apply to exact match on tasks; the held-out rows of "
+                f"{heldout.source!r} are scored by {heldout.measure}"
+            )
+        note_source("score", heldout.source, heldout.measure)  # a capability entry inside the block
+        return ReplyReport.from_scores(row_scores(model, tokenizer, heldout.rows, heldout.schema), heldout)

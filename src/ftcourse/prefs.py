@@ -347,25 +347,6 @@ def set_pad_token(tokenizer: Any) -> Any:
 TOY_MAX_LENGTH = 128  # tokens of prompt and reply on the cpu profile: every task-world pair fits whole
 
 
-def fitted_max_length(
-    records: Sequence[Mapping[str, Any]],
-    tokenizer: Any,
-    max_length: int | None = None,
-    allow_truncation: bool = False,
-    source: str = "the training rows",
-) -> data.Truncation:
-    """What `max_length` cuts from `records` with the chat template (a `data.Truncation`).
-
-    `max_length=None` fits it to the rows: the smallest multiple of 64 tokens that holds 95% of them whole
-    (`data.length_limit`), so that long hub replies are not cut to fragments silently. Raises
-    `data.TruncationError` when more than 5% of the rows would be cut, unless `allow_truncation`.
-    """
-    lengths = data.sequence_lengths(records, tokenizer)
-    if max_length is None:
-        max_length = data.length_limit(lengths)
-    return data.check_lengths(lengths, max_length, source, allow=allow_truncation)
-
-
 def preference_trainer(
     method: str,
     model: Any,
@@ -396,7 +377,7 @@ def preference_trainer(
     DPO and KTO is then `model` itself with the adapter switched off. `peft_config=None` is full fine-tuning;
     DPO and KTO then need `ref_model`, a frozen copy (TRL would reload one from the hub name otherwise).
     `max_length=None` is TOY_MAX_LENGTH on the cpu profile (the task world's pairs fit) and fitted to the
-    rows on a hub profile (`fitted_max_length`); what it cuts is printed when it cuts anything, and kept as
+    rows on a hub profile (`data.fit_lengths`); what it cuts is printed when it cuts anything, and kept as
     the trainer's `truncation` (a `data.Truncation`). `save_steps` writes a checkpoint
     to `output_dir` every that many steps (None: no checkpoints); `progress` shows TRL's progress bars.
     """
@@ -426,10 +407,9 @@ def preference_trainer(
     truncation = None
     if dataset is not None and len(dataset):
         rows = dataset.to_list()
-        truncation = fitted_max_length(rows, tokenizer, max_length, allow_truncation, f"the {method} rows")
+        lengths = data.sequence_lengths(rows, tokenizer)
+        truncation = data.fit_lengths(lengths, max_length, f"the {method} rows", allow_truncation)
         max_length = truncation.max_length
-        if truncation.rows_cut:
-            print(truncation.sentence())
         if isinstance(rows[0]["prompt"], list):
             dataset = type(dataset).from_list(end_at_end_of_turn(rows, tokenizer))  # see there
     options: dict[str, Any] = {

@@ -103,13 +103,13 @@ def train_reward_model(
     layers plus the new head. The default -1 picks per profile (`reward_settings`): full fine-tuning of the
     5M-parameter toy on the cpu profile; rank 16 with activation checkpointing for the 8B model on spark.
     `max_length=None` is MAX_LENGTH on the cpu profile and fitted to the pairs on a hub profile
-    (`prefs.fitted_max_length`: 95% of them whole); what it cuts is printed and kept in the recipe.
+    (`data.fit_lengths`: 95% of them whole); what it cuts is printed and kept in the recipe.
     """
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
-    from ftcourse.prefs import fitted_max_length
+    from ftcourse import data
 
     if not records:
         raise ValueError("train_reward_model needs at least one preference record (prompt, chosen, rejected)")
@@ -127,11 +127,8 @@ def train_reward_model(
         raise ValueError(f"lora_rank must be None (full fine-tuning) or at least 1, got {lora_rank}")
     if max_length is None and not profile.uses_network:
         max_length = MAX_LENGTH
-    truncation = fitted_max_length(
-        records, tokenizer, max_length, allow_truncation, "the reward model's pairs"
-    )
-    if truncation.rows_cut:
-        print(truncation.sentence())
+    lengths = data.sequence_lengths(records, tokenizer)
+    truncation = data.fit_lengths(lengths, max_length, "the reward model's pairs", allow_truncation)
     peft_config = None
     if lora_rank is not None:
         from peft import LoraConfig

@@ -271,9 +271,7 @@ def train_sft(
         max_length = pick_max_length(lengths, profile)
     truncation = None
     if not packing or (extra_args or {}).get("packing_strategy", "bfd") == "bfd":
-        truncation = data.check_lengths(lengths, max_length, "the training dataset", allow_truncation)
-        if truncation.rows_cut:
-            print(truncation.sentence())
+        truncation = data.fit_lengths(lengths, max_length, "the training dataset", allow_truncation)
     if eval_dataset is not None and eval_steps is None:
         eval_steps = max(1, steps // 10)
     recipe: dict[str, Any] = {
